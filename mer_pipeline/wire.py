@@ -297,3 +297,25 @@ class StatsReply(Message):
 class Shutdown(Message):
     TYPE: ClassVar[str] = "shutdown"
     request_id: int
+
+
+# --- launcher control (ROUTER at launcher.sock) ---------------------------------------
+
+
+@dataclasses.dataclass
+class ControlRequest(Message):
+    """`command` is "status", "restart" (target: io, predictor, compute or worker:N) or "stop"."""
+
+    TYPE: ClassVar[str] = "control"
+    request_id: int
+    command: str
+    target: str
+
+
+@dataclasses.dataclass
+class ControlReply(Message):
+    TYPE: ClassVar[str] = "control_reply"
+    request_id: int
+    ok: bool
+    error: str
+    payload: dict[str, Any]

@@ -1,0 +1,125 @@
+"""The predictor daemon: receives routing observations from the compute daemon (PULL at
+predictor.sock), learns the routing, and sends prefetch hints to the I/O daemon.
+
+Losing this process loses only prefetching: the compute daemon drops observations it
+cannot send, and the I/O daemon keeps serving demand reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from mer_pipeline import wire
+from mer_pipeline.predictor import make_predictor
+from mer_pipeline.runtime import (
+    IO_SOCKET,
+    PREDICTOR_SOCKET,
+    PipelineInfo,
+    exit_with_parent,
+    parent_alive,
+    pin_cpus,
+    setup_logging,
+)
+from mer_pipeline.store import open_store
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 500
+
+
+class PredictorDaemon:
+    def __init__(self, info: PipelineInfo) -> None:
+        self.info = info
+        self.config = info.config.predictor
+        store = open_store(info.store)
+        self.predictor = make_predictor(self.config.kind, store.shape.n_layers, store.shape.n_experts)
+        self.context = zmq.Context()
+        self.inbox = self.context.socket(zmq.ROUTER)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.bind(info.endpoint(PREDICTOR_SOCKET))
+        self.io = self.context.socket(zmq.DEALER)
+        self.io.setsockopt(zmq.LINGER, 0)
+        self.io.setsockopt(zmq.SNDHWM, 1000)
+        self.io.setsockopt(zmq.IDENTITY, f"predictor:{os.getpid()}".encode())
+        self.io.connect(info.endpoint(IO_SOCKET))
+        self.counters = collections.Counter()
+        self.rejected_log_s = 0.0
+
+    def on_observation(self, observation: wire.Observation) -> None:
+        self.counters["observations"] += 1
+        self.predictor.observe(observation.token, observation.layer, observation.experts)
+        hints = self.predictor.predict(
+            observation.layer, self.config.lookahead_layers, self.config.max_hints_per_step, self.config.min_confidence
+        )
+        for hint in hints:
+            try:
+                self.io.send(wire.PrefetchHint(hint.expert, hint.steps_ahead, hint.confidence).encode(), zmq.NOBLOCK)
+                self.counters["hints_sent"] += 1
+            except zmq.Again:
+                self.counters["hints_dropped"] += 1
+
+    def serve(self) -> None:
+        log.info("predictor ready kind=%s lookahead_layers=%d pid=%d", self.config.kind, self.config.lookahead_layers, os.getpid())
+        while True:
+            if not self.inbox.poll(POLL_MS):
+                if not parent_alive(self.info.launcher_pid):
+                    log.info("predictor stop reason=launcher_gone")
+                    return
+                continue
+            parts = self.inbox.recv_multipart()
+            # PUSH peers send one frame after the identity; ROUTER/DEALER peers too.
+            sender, frame = parts[0], parts[-1]
+            try:
+                message = wire.decode(frame, (wire.Observation, wire.StatsRequest, wire.Shutdown))
+            except wire.WireError as exc:
+                self.counters["rejected_messages"] += 1
+                now = time.monotonic()
+                if now - self.rejected_log_s > 5.0:
+                    self.rejected_log_s = now
+                    log.warning("rejected message error=%s total_rejected=%d", exc, self.counters["rejected_messages"])
+                continue
+            if isinstance(message, wire.Observation):
+                self.on_observation(message)
+            elif isinstance(message, wire.StatsRequest):
+                counters = dict(self.counters)
+                counters["kind"] = self.config.kind
+                self.inbox.send_multipart([sender, wire.StatsReply(message.request_id, "predictor", counters, {}).encode()])
+            else:
+                log.info("predictor stop reason=shutdown_request observations=%d", self.counters["observations"])
+                return
+
+    def close(self) -> None:
+        self.inbox.close(0)
+        self.io.close(0)
+        self.context.term()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mer_pipeline.predictor_daemon", description="MER predictor daemon")
+    parser.add_argument("--pipeline", required=True, help="path of the pipeline.json the launcher wrote")
+    args = parser.parse_args(argv)
+    info = PipelineInfo.load(args.pipeline)
+    setup_logging("predictor", info.config.runtime.log_level)
+    exit_with_parent()
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    pin_cpus(info.config.predictor.cpus, "predictor")
+    daemon = PredictorDaemon(info)
+    try:
+        daemon.serve()
+    finally:
+        daemon.close()
+
+
+if __name__ == "__main__":
+    main()

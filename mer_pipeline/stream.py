@@ -1,0 +1,181 @@
+"""`mer stream`: replay a routing trace through a running pipeline and summarize the run.
+
+For each token t in trace order, h = row t of the inputs (else seeded N(0, 1) float32);
+for each layer l with a known routing cell,
+    h = h + sum_k p_k * FFN(l, e_k)(rmsnorm(h)),  rmsnorm(v) = v / sqrt(mean(v^2) + 1e-5).
+The compute daemon does the arithmetic; this module sends one token at a time, as
+decode does, and collects the final h of every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mer_pipeline import wire
+from mer_pipeline.client import DaemonClient
+from mer_pipeline.histograms import merge_encoded, summarize_all
+from mer_pipeline.runtime import COMPUTE_SOCKET, IO_SOCKET, PIPELINE_FILE, PREDICTOR_SOCKET, PipelineInfo
+from mer_pipeline.store import open_store
+from mer_pipeline.trace import Trace, TraceError, iter_inputs
+
+STATS_TIMEOUT_S = 10.0
+
+
+class StreamError(RuntimeError):
+    """The pipeline failed a token, or the trace does not fit the store."""
+
+
+@dataclasses.dataclass
+class PipelineStats:
+    io: wire.StatsReply
+    compute: wire.StatsReply
+    predictor: wire.StatsReply | None
+
+
+def load_pipeline(socket_dir: str | Path) -> PipelineInfo:
+    path = Path(socket_dir) / PIPELINE_FILE
+    if not path.is_file():
+        raise StreamError(f"no running pipeline: {path} not found; start one with `mer-launch --topology NAME --store S`")
+    return PipelineInfo.load(path)
+
+
+def collect_stats(info: PipelineInfo) -> PipelineStats:
+    clients = {name: DaemonClient(info.endpoint(socket), name) for name, socket in (("io", IO_SOCKET), ("compute", COMPUTE_SOCKET), ("predictor", PREDICTOR_SOCKET))}
+    try:
+        io = clients["io"].stats(STATS_TIMEOUT_S)
+        compute = clients["compute"].stats(STATS_TIMEOUT_S)
+        try:
+            predictor = clients["predictor"].stats(2.0)
+        except TimeoutError:
+            predictor = None  # a dead predictor only costs prefetching
+    finally:
+        for client in clients.values():
+            client.close()
+    return PipelineStats(io, compute, predictor)
+
+
+def check_trace_fits(trace: Trace, info: PipelineInfo) -> None:
+    store = open_store(info.store)
+    if trace.n_layers > store.shape.n_layers or trace.n_experts != store.shape.n_experts:
+        raise TraceError(
+            f"the trace has {trace.n_layers} layers x {trace.n_experts} experts but the store {info.store} has "
+            f"{store.shape.n_layers} layers x {store.shape.n_experts} experts"
+        )
+
+
+def stream_trace(
+    info: PipelineInfo,
+    trace: Trace,
+    inputs: np.ndarray | None,
+    n_tokens: int | None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Send every token of the trace through the pipeline; return (final h per token, summary)."""
+    check_trace_fits(trace, info)
+    store = open_store(info.store)
+    d_model = store.shape.d_model
+    tokens = trace.tokens[: n_tokens] if n_tokens else trace.tokens
+    timeout_s = info.config.runtime.request_timeout_s
+    before = collect_stats(info)
+
+    outputs = np.zeros((len(tokens), d_model), dtype=np.float32)
+    cycle_us = np.zeros(len(tokens), dtype=np.int64)
+    client = DaemonClient(info.endpoint(COMPUTE_SOCKET), "compute")
+    start_s = time.perf_counter()
+    columns = (TextColumn("streaming"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
+    try:
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task("stream", total=len(tokens))
+            for index, (routing, hidden) in enumerate(zip(tokens, iter_inputs(len(tokens), d_model, inputs, seed))):
+                request = wire.TokenRequest(
+                    client.next_id(), index, wire.array_to_bytes(hidden), routing.layers, routing.experts, routing.probs
+                )
+                reply = client.request(request, timeout_s)
+                if isinstance(reply, wire.RequestFailed):
+                    raise StreamError(f"token {index} failed: {reply.error}" + (" (retryable)" if reply.retryable else ""))
+                if not isinstance(reply, wire.TokenResult):
+                    raise StreamError(f"token {index}: unexpected reply {reply.TYPE}")
+                outputs[index] = wire.bytes_to_array(reply.hidden, 1, d_model, "token_result.hidden")[0]
+                cycle_us[index] = reply.cycle_us
+                bar.advance(task)
+    finally:
+        client.close()
+    elapsed_s = time.perf_counter() - start_s
+    after = collect_stats(info)
+    summary = summarize_run(info, store.dtype, tokens, trace, before, after, elapsed_s, cycle_us)
+    return outputs, summary
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any], key: str) -> int:
+    return int(after.get(key, 0)) - int(before.get(key, 0))
+
+
+def _worker_totals(compute: wire.StatsReply) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for worker in compute.counters.get("workers", {}).values():
+        for key, value in worker["counters"].items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def summarize_run(info, dtype, tokens, trace, before: PipelineStats, after: PipelineStats, elapsed_s: float, cycle_us: np.ndarray) -> dict[str, Any]:
+    io_a, io_b = after.io.counters, before.io.counters
+    lookups = _delta(io_a, io_b, "lookups")
+    hits = _delta(io_a, io_b, "hits")
+    misses = _delta(io_a, io_b, "misses")
+    io_bytes = _delta(io_a, io_b, "io_bytes")
+    io_busy_us = _delta(io_a, io_b, "io_busy_us")
+    workers_a, workers_b = _worker_totals(after.compute), _worker_totals(before.compute)
+    lease_wait_us = _delta(workers_a, workers_b, "lease_wait_us")
+    compute_us = _delta(workers_a, workers_b, "compute_us")
+    expert_tasks = _delta(workers_a, workers_b, "tasks")
+
+    encoded = [after.io.histograms, after.compute.histograms]
+    encoded += [w["histograms"] for w in after.compute.counters.get("workers", {}).values()]
+    stages = summarize_all(merge_encoded(encoded))
+    n_tokens = len(tokens)
+    layer_steps = sum(len(t.layers) for t in tokens)
+    busy_us = lease_wait_us + compute_us
+    return {
+        "tokens": n_tokens,
+        "layer_steps": layer_steps,
+        "skipped_layer_steps": sum(trace.n_layers - len(t.layers) for t in tokens),
+        "lookups": lookups,
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / lookups if lookups else 0.0,
+        "prefetch_issued": _delta(io_a, io_b, "prefetch_issued"),
+        "prefetch_useful": _delta(io_a, io_b, "prefetch_useful"),
+        "prefetch_wasted": _delta(io_a, io_b, "prefetch_wasted"),
+        "prefetch_late": _delta(io_a, io_b, "prefetch_late"),
+        "io_path": io_a.get("io_path", "unknown"),
+        "io_reads": _delta(io_a, io_b, "io_reads"),
+        "io_bytes": io_bytes,
+        "io_mib_per_s": io_bytes / 2**20 / (io_busy_us / 1e6) if io_busy_us else 0.0,
+        "io_latency_us": stages.get("io_device", {}),
+        "compute_us": stages.get("compute_expert", {}),
+        "cycle_us": {"mean": float(cycle_us.mean()) if n_tokens else 0.0, "p50": float(np.median(cycle_us)) if n_tokens else 0.0},
+        "io_wait_us_per_token": lease_wait_us / n_tokens if n_tokens else 0.0,
+        "compute_us_per_token": compute_us / n_tokens if n_tokens else 0.0,
+        "io_share": lease_wait_us / busy_us if busy_us else 0.0,
+        "expert_ffn_per_s": expert_tasks / elapsed_s if elapsed_s else 0.0,
+        "tokens_per_s": n_tokens / elapsed_s if elapsed_s else 0.0,
+        "elapsed_s": elapsed_s,
+        "cache_slots": info.pool_slots - len(info.config.pool.pinned),
+        "pool_slots": info.pool_slots,
+        "experts_total": trace.n_layers * trace.n_experts,
+        "dtype": dtype,
+        "pinned": len(info.config.pool.pinned),
+        "predictor": info.config.predictor.kind,
+        "eviction": info.config.io.eviction,
+        "workers": len(info.worker_cpus),
+        "stages": stages,
+    }

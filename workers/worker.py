@@ -1,0 +1,172 @@
+"""A compute worker: takes expert tasks from the compute daemon, leases the expert's slot
+from the I/O daemon, runs the SwiGLU kernel on the slot, releases the lease, replies.
+
+A worker reads slot data only between LeaseGranted and its Release, so the I/O daemon
+never overwrites a slot under it. The kernel runs single-threaded: each worker is
+pinned to its own CPU set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import zmq
+
+from mer_pipeline import wire
+from mer_pipeline.histograms import StageHistograms
+from mer_pipeline.runtime import (
+    IO_SOCKET,
+    TASKS_SOCKET,
+    PipelineInfo,
+    exit_with_parent,
+    parent_alive,
+    pin_cpus,
+    setup_logging,
+)
+from mer_pipeline.slot_pool import SlotPool
+from mer_pipeline.store import open_store
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_MS = 500
+STATS_INTERVAL_S = 1.0
+
+
+class LeaseError(RuntimeError):
+    """The I/O daemon could not provide an expert's slot."""
+
+
+class Worker:
+    def __init__(self, info: PipelineInfo, index: int) -> None:
+        from mer_pipeline import kernels  # imported here so pinning happens before numba starts threads
+
+        self.info = info
+        self.index = index
+        self.kernels = kernels
+        self.store = open_store(info.store)
+        self.layout = self.store.layout
+        self.pool = SlotPool.attach(info.pool_data_name, info.pool_table_name)
+        self.context = zmq.Context()
+        self.tasks = self.context.socket(zmq.DEALER)
+        self.tasks.setsockopt(zmq.IDENTITY, f"worker:{index}".encode())
+        self.tasks.setsockopt(zmq.LINGER, 0)
+        self.tasks.connect(info.endpoint(TASKS_SOCKET))
+        self.io = self.context.socket(zmq.DEALER)
+        self.io.setsockopt(zmq.IDENTITY, f"worker:{index}:{os.getpid()}".encode())
+        self.io.setsockopt(zmq.LINGER, 0)
+        self.io.connect(info.endpoint(IO_SOCKET))
+        self.histograms = StageHistograms()
+        self.counters = {"tasks": 0, "task_errors": 0, "hits": 0, "misses": 0, "lease_wait_us": 0, "compute_us": 0}
+        self.next_request_id = 1
+        self.running = True
+
+    def lease(self, expert: int) -> wire.LeaseGranted:
+        request_id = self.next_request_id
+        self.next_request_id += 1
+        self.io.send(wire.LeaseRequest(request_id, self.index, expert).encode())
+        timeout_s = self.info.config.runtime.request_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.io.poll(POLL_INTERVAL_MS):
+                if not parent_alive(self.info.launcher_pid):
+                    raise SystemExit(0)
+                continue
+            reply = wire.decode(self.io.recv(), (wire.LeaseGranted, wire.LeaseFailed))
+            if reply.request_id != request_id:
+                continue  # a late reply to a request this worker gave up on
+            if isinstance(reply, wire.LeaseFailed):
+                raise LeaseError(reply.error)
+            return reply
+        raise LeaseError(
+            f"worker:{self.index} timed out after {timeout_s:.0f} s waiting for the I/O daemon to "
+            f"provide expert {expert}; check the io daemon's log or raise runtime.request_timeout_s"
+        )
+
+    def run_task(self, task: wire.Task) -> wire.Message:
+        start = time.perf_counter()
+        try:
+            grant = self.lease(task.expert)
+        except LeaseError as exc:
+            self.counters["task_errors"] += 1
+            log.error("lease failed task=%d expert=%d error=%s", task.task_id, task.expert, exc)
+            return wire.TaskFailed(task.task_id, self.index, str(exc))
+        leased = time.perf_counter()
+        try:
+            x = wire.bytes_to_array(task.x, task.rows, self.layout.d_model, "task.x")
+            y = self.kernels.swiglu(self.pool.slot_view(grant.slot), self.layout, x)
+        finally:
+            self.io.send(wire.Release(self.index, grant.slot, grant.generation).encode())
+        done = time.perf_counter()
+        lease_wait_us = int((leased - start) * 1e6)
+        compute_us = int((done - leased) * 1e6)
+        self.histograms.record_us("lease_wait", lease_wait_us)
+        self.histograms.record_us("compute_expert", compute_us)
+        self.counters["tasks"] += 1
+        self.counters["hits" if grant.hit else "misses"] += 1
+        self.counters["lease_wait_us"] += lease_wait_us
+        self.counters["compute_us"] += compute_us
+        return wire.TaskResult(
+            task.task_id, self.index, task.rows, wire.array_to_bytes(y), lease_wait_us, compute_us, grant.hit
+        )
+
+    def stats(self, request_id: int) -> wire.StatsReply:
+        return wire.StatsReply(request_id, f"worker:{self.index}", dict(self.counters), self.histograms.encode())
+
+    def serve(self) -> None:
+        self.tasks.send(wire.WorkerReady(self.index, os.getpid()).encode())
+        log.info("worker ready index=%d pid=%d cpus=%s", self.index, os.getpid(), sorted(os.sched_getaffinity(0)))
+        while self.running:
+            if not self.tasks.poll(POLL_INTERVAL_MS):
+                if not parent_alive(self.info.launcher_pid):
+                    log.info("worker stop index=%d reason=launcher_gone", self.index)
+                    return
+                continue
+            frame = self.tasks.recv()
+            try:
+                message = wire.decode(frame, (wire.Task, wire.StatsRequest, wire.Shutdown))
+            except wire.WireError as exc:
+                log.warning("rejected message on tasks socket error=%s", exc)
+                continue
+            if isinstance(message, wire.Task):
+                self.tasks.send(self.run_task(message).encode())
+            elif isinstance(message, wire.StatsRequest):
+                self.tasks.send(self.stats(message.request_id).encode())
+            else:
+                log.info("worker stop index=%d reason=shutdown tasks=%d", self.index, self.counters["tasks"])
+                return
+
+    def close(self) -> None:
+        self.tasks.close(0)
+        self.io.close(0)
+        self.context.term()
+        self.pool.close()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="MER compute worker")
+    parser.add_argument("--pipeline", required=True, help="path of the pipeline.json the launcher wrote")
+    parser.add_argument("--index", type=int, required=True, help="worker index, 0-based")
+    args = parser.parse_args(argv)
+
+    info = PipelineInfo.load(args.pipeline)
+    setup_logging(f"worker:{args.index}", info.config.runtime.log_level)
+    exit_with_parent()
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    pin_cpus(info.worker_cpus[args.index], f"worker:{args.index}")
+    os.environ["NUMBA_NUM_THREADS"] = "1"
+    worker = Worker(info, args.index)
+    worker.kernels.set_num_threads(1)
+    worker.kernels.warmup()
+    try:
+        worker.serve()
+    finally:
+        worker.close()
