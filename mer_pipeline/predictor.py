@@ -150,3 +150,30 @@ def make_predictor(kind: str, n_layers: int, n_experts: int) -> Predictor:
     if kind not in PREDICTORS:
         raise ValueError(f"predictor {kind!r} is unknown; choose one of {', '.join(PREDICTORS)}")
     return PREDICTORS[kind](n_layers, n_experts)
+
+
+def evaluate(predictor: Predictor, access_steps: list[tuple[int, int, list[int]]], lookahead: int, max_hints: int) -> dict[int, dict[str, float]]:
+    """Replay (token, layer, expert ids) steps through a predictor; for each lookahead
+    distance d, return precision (hinted experts that were used d steps later) and
+    recall (used experts that were hinted d steps earlier)."""
+    hinted: dict[int, list[set[int]]] = {d: [] for d in range(1, lookahead + 1)}
+    for token, layer, expert_ids in access_steps:
+        predictor.observe(token, layer, expert_ids)
+        per_distance: dict[int, set[int]] = {d: set() for d in range(1, lookahead + 1)}
+        for hint in predictor.predict(layer, lookahead, max_hints, 0.0):
+            per_distance[hint.steps_ahead].add(hint.expert)
+        for d in per_distance:
+            hinted[d].append(per_distance[d])
+    result = {}
+    for d in range(1, lookahead + 1):
+        true_positive = hinted_total = used_total = 0
+        for i in range(len(access_steps) - d):
+            used = set(access_steps[i + d][2])
+            true_positive += len(hinted[d][i] & used)
+            hinted_total += len(hinted[d][i])
+            used_total += len(used)
+        result[d] = {
+            "precision": true_positive / hinted_total if hinted_total else 0.0,
+            "recall": true_positive / used_total if used_total else 0.0,
+        }
+    return result

@@ -86,7 +86,7 @@ def decode(frame: bytes, expected: tuple[type[Message], ...] | None = None) -> M
         missing = sorted(declared - set(fields))
         extra = sorted(str(k) for k in set(fields) - declared)
         raise WireError(f"{type_name}: missing fields {missing}, unknown fields {extra[:8]}")
-    values = {name: _check_value(fields[name], hints[name], f"{type_name}.{name}") for name in declared}
+    values = {name: _check_value(fields[name], hints[name], f"{cls.__name__}.{name}") for name in declared}
     return cls(**values)
 
 
