@@ -272,11 +272,28 @@ class Launcher:
         for name in ["io", "predictor", "compute"]:
             self.spawn(self.daemons[name])
             self.wait_ready([name])
+        self.compile_kernels()
         workers = [n for n in self.daemon_names() if n.startswith("worker:")]
         for name in workers:
             self.spawn(self.daemons[name])
         self.wait_ready(workers)
         log.info("pipeline ready name=%s daemons=%d socket_dir=%s", self.config.name, len(self.daemons), self.socket_dir)
+
+    def compile_kernels(self) -> None:
+        """Fill numba's on-disk cache in one process, so that the workers load the kernels
+        instead of each compiling them at once."""
+        timeout_s = self.config.runtime.compile_timeout_s
+        start_s = time.monotonic()
+        command = [sys.executable, "-c", "from mer_pipeline.kernels import warmup; warmup()"]
+        try:
+            result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise LaunchError(
+                f"compiling the kernels took longer than runtime.compile_timeout_s={timeout_s:.0f} s; raise it on a slow machine"
+            ) from exc
+        if result.returncode != 0:
+            raise LaunchError(f"compiling the kernels failed with status {result.returncode}:\n{result.stderr[-3000:]}")
+        log.info("kernels ready elapsed_s=%.1f", time.monotonic() - start_s)
 
     # --- supervision ------------------------------------------------------------------
 

@@ -78,6 +78,8 @@ class RuntimeConfig:
     ready_timeout_s: float = 60.0
     request_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
+    # numba compiles the kernels once per machine and caches them; the first compile is slow.
+    compile_timeout_s: float = 600.0
     # A daemon that exits unexpectedly more often than this within the window is given up on.
     max_restarts: int = 5
     restart_window_s: float = 60.0

@@ -45,7 +45,9 @@ def default_store_path() -> Path:
 
 def ensure_default_store(progress: bool = True) -> Path:
     """Return the default store, making it on first use."""
-    from mer_pipeline.synth import synth_store
+    from rich.progress import Progress
+
+    from mer_pipeline.synth import SynthConfig, write_synth_store
 
     path = default_store_path()
     try:
@@ -55,11 +57,14 @@ def ensure_default_store(progress: bool = True) -> Path:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     s = DEFAULT_SHAPE
-    log.info("making the default store path=%s", path)
-    synth_store(
-        path, n_layers=s["n_layers"], n_experts=s["n_experts"], top_k=s["top_k"], d_model=s["d_model"],
-        d_ff=s["d_ff"], dtype=s["dtype"], seed=s["seed"], progress=progress,
+    config = SynthConfig(
+        n_layers=s["n_layers"], n_experts=s["n_experts"], top_k=s["top_k"], d_model=s["d_model"],
+        d_ff=s["d_ff"], dtype=s["dtype"], seed=s["seed"],
     )
+    log.info("making the default store path=%s", path)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("making the default store", total=config.n_layers * config.n_experts)
+        write_synth_store(path, config, force=True, on_expert=lambda _: bar.advance(task))
     return path
 
 
