@@ -12,8 +12,8 @@ It serves, on a ROUTER socket at SOCKET_DIR/io.sock:
                      histograms
     Shutdown      stops the daemon (no reply)
 
-At most one read per expert is in flight; requests for an expert being read wait on
-that read and are all granted when it completes. A request that finds no evictable
+At most one read per expert is in flight. Requests for an expert that is being read
+wait on that read, and all of them are granted when it completes. A request that finds no evictable
 slot (all leased, pinned or loading) waits until a lease is released, at most
 runtime.request_timeout_s.
 """
@@ -69,7 +69,7 @@ class DaemonError(RuntimeError):
 
 @dataclasses.dataclass
 class Waiter:
-    """A LeaseRequest not answered yet."""
+    """A LeaseRequest without a reply yet."""
 
     envelope: list[bytes]
     request_id: int

@@ -1,6 +1,6 @@
 """Eviction policies of the slot pool, an offline simulator and Belady's optimum.
 
-A policy sees every lookup (`record_access`) and, when the pool needs a slot, picks a
+A policy receives every lookup (`record_access`) and, when the pool needs a slot, picks a
 victim among the experts the caller offers (`choose_victim`). The caller offers only
 evictable experts: the I/O daemon leaves out pinned slots, leased slots and slots with
 a read in flight, so no policy can take one of those. `reuse_distance_steps` estimates
@@ -85,11 +85,12 @@ class LayerPolicy(EvictionPolicy):
 
     State per layer: the visit counter. A new visit of layer l starts when an access to
     l follows an access to another layer, or repeats an expert already used in this
-    visit (one-layer models). Per expert: the visit at which it was last used. Learned:
-    for each (layer, gap bucket), how many times an expert with that gap was present at a
-    visit and how many times it was used there, with a prior shared by all layers; and
-    per expert, the share of its layer's visits that used it, shrunk toward the uniform
-    share `1 / n_experts` with `share_prior_visits` pseudo-visits.
+    visit (one-layer models). Per expert: the visit at which it was last used.
+
+    Learned rates: for each (layer, gap bucket), how often an expert with that gap was
+    used at a visit, with a prior shared by all layers. Per expert, the share of its
+    layer's visits that used it, shrunk toward the uniform share `1 / n_experts` with
+    `share_prior_visits` pseudo-visits.
     """
 
     name = "layer"

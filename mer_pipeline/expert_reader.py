@@ -13,8 +13,9 @@ Engines, chosen once at start (`io.engine`, `io.direct`) and reported as `io_pat
     io_uring + O_DIRECT   the main path: readv into the mmapped slot, no page-cache copy
     preadv thread pool    when io_uring setup fails (e.g. kernel.io_uring_disabled=2)
     buffered              when O_DIRECT is rejected with EINVAL at open or at the first
-                          read (e.g. tmpfs); each finished expert's file range is dropped
-                          with POSIX_FADV_DONTNEED so the page cache holds no second copy
+                          read (filesystems without O_DIRECT; tmpfs accepts it on Linux
+                          6.18). Each finished expert's file range is dropped with
+                          POSIX_FADV_DONTNEED, so the page cache keeps no second copy.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def request_outcome(needed_bytes: int, result: int) -> tuple[str, int]:
     """Classify one completion of a request that must deliver `needed_bytes`.
 
     `result` is the byte count or a negative errno, as io_uring reports it. Returns
-    (DONE, bytes), (PARTIAL, bytes) for a short read whose remainder must be resubmitted,
-    (RETRY, 0) for -EAGAIN or -EINTR, or (FAILED, errno); end of file before
-    `needed_bytes` fails with ENODATA.
+    (DONE, bytes), or (PARTIAL, bytes) for a short read whose remainder must be
+    resubmitted, or (RETRY, 0) for -EAGAIN and -EINTR, or (FAILED, errno). End of file
+    before `needed_bytes` fails with ENODATA.
     """
     if result in (-errno.EAGAIN, -errno.EINTR):
         return RETRY, 0
@@ -106,7 +107,7 @@ class _Request:
 
 
 class _DataFile:
-    """One open store file; `direct` says whether the fd was opened with O_DIRECT."""
+    """One open store file; `direct` is True when the fd was opened with O_DIRECT."""
 
     def __init__(self, path: Path, direct_mode: str) -> None:
         self.path = path
