@@ -377,6 +377,8 @@ class Launcher:
             if daemon.process is None:
                 return wire.ControlReply(request.request_id, False, f"{request.target} is not running (state {daemon.supervised.state.value})", {})
             daemon.restart_requested = True
+            if daemon.supervised.state in (State.STARTING, State.RUNNING):
+                daemon.supervised.handle(Event.STOP)
             daemon.process.terminate()
             log.info("daemon restart requested name=%s pid=%d", daemon.name, daemon.process.pid)
             return wire.ControlReply(request.request_id, True, "", {"name": daemon.name})

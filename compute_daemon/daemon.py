@@ -310,6 +310,7 @@ class ComputeDaemon:
             self.requeue(message.task_id, str(exc))
             return
         job.outputs[record.slot_in_step] = y
+        self.histograms.record_us("task_round_trip", (time.perf_counter() - record.sent_s) * 1e6)
         job.io_wait_us += message.lease_wait_us
         job.compute_us += message.compute_us
         if len(job.outputs) == job.expected:

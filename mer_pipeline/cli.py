@@ -43,7 +43,7 @@ def _socket_dir(topology: str, socket_dir: Optional[str]) -> Path:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
 
 

@@ -24,6 +24,7 @@ STAGES = {
     "io_device": "first request submitted to last completion of an expert read (I/O daemon)",
     "slot_ready": "read complete to lease granted to the waiting worker (I/O daemon)",
     "compute_expert": "kernel time for one expert task (worker)",
+    "task_round_trip": "task sent to a worker to its result received, lease and kernel included (compute daemon)",
     "layer_step": "one layer step of one token, all its experts (compute daemon)",
     "token": "one token through all of its layer steps (compute daemon)",
 }

@@ -36,7 +36,20 @@ class Message:
             _REGISTRY[cls.TYPE] = cls
 
     def encode(self) -> bytes:
-        return msgpack.packb([self.TYPE, dataclasses.asdict(self)], use_bin_type=True)
+        fields = {name: getattr(self, name) for name in _schema(type(self))}
+        return msgpack.packb([self.TYPE, fields], use_bin_type=True)
+
+
+_SCHEMAS: dict[type, dict[str, Any]] = {}
+
+
+def _schema(cls: type) -> dict[str, Any]:
+    """Return {field name: type annotation} of a message class, computed once per class."""
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        schema = _SCHEMAS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return schema
 
 
 _SCALARS = {int: (int,), float: (float, int), str: (str,), bytes: (bytes,), bool: (bool,)}
@@ -80,13 +93,13 @@ def decode(frame: bytes, expected: tuple[type[Message], ...] | None = None) -> M
         raise WireError(f"message type {type_name!r} is not accepted on this socket")
     if not isinstance(fields, dict):
         raise WireError(f"{type_name}: fields must be a map")
-    hints = typing.get_type_hints(cls)
-    declared = {f.name for f in dataclasses.fields(cls)}
+    schema = _schema(cls)
+    declared = set(schema)
     if set(fields) != declared:
         missing = sorted(declared - set(fields))
         extra = sorted(str(k) for k in set(fields) - declared)
         raise WireError(f"{type_name}: missing fields {missing}, unknown fields {extra[:8]}")
-    values = {name: _check_value(fields[name], hints[name], f"{cls.__name__}.{name}") for name in declared}
+    values = {name: _check_value(fields[name], hint, f"{cls.__name__}.{name}") for name, hint in schema.items()}
     return cls(**values)
 
 

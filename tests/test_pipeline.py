@@ -111,3 +111,54 @@ def test_buffered_fallback(small_store, trace, tmp_path):
     assert "buffered" in summary["io_path"]
     assert summary["misses"] > 0
     assert np.linalg.norm(outputs - reference) / np.linalg.norm(reference) < 1e-4
+
+
+def _mer(*args):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from mer_pipeline.cli import main; main()", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_ctl_stats_and_worker_restart(small_store, trace, tmp_path):
+    import json
+    import time
+
+    socket_dir = tmp_path / "sock-ctl"
+    with launched_pipeline(small_store, socket_dir, ["--slots", "32"]) as info:
+        status = _mer("ctl", "status", "--json", "--socket-dir", str(socket_dir))
+        assert status.returncode == 0, status.stderr
+        daemons = json.loads(status.stdout)["daemons"]
+        assert set(daemons) == {"io", "predictor", "compute", "worker:0", "worker:1"}
+        assert all(d["state"] == "running" for d in daemons.values())
+        pids = [d["pid"] for d in daemons.values()]
+
+        first, _ = stream_trace(info, trace, None, 4, seed=3, progress=False)
+        restart = _mer("ctl", "restart", "worker:0", "--socket-dir", str(socket_dir))
+        assert restart.returncode == 0, restart.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            after = json.loads(_mer("ctl", "status", "--json", "--socket-dir", str(socket_dir)).stdout)["daemons"]
+            if after["worker:0"]["pid"] not in (None, daemons["worker:0"]["pid"]) and after["worker:0"]["state"] == "running":
+                break
+            time.sleep(0.5)
+        assert after["worker:0"]["restarts"] == 1
+        assert after["worker:0"]["state"] == "running"
+        pids.append(after["worker:0"]["pid"])
+
+        second, _ = stream_trace(info, trace, None, 4, seed=3, progress=False)
+        assert np.array_equal(first, second)
+
+        stats = _mer("stats", "--json", "--socket-dir", str(socket_dir))
+        assert stats.returncode == 0, stats.stderr
+        stages = json.loads(stats.stdout)["stages"]
+        assert stages["compute_expert"]["count"] > 0
+        assert stages["io_device"]["count"] > 0
+        assert stages["token"]["count"] == 8
+
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    missing = _mer("ctl", "status", "--socket-dir", str(socket_dir))
+    assert missing.returncode == 2
+    assert "no running pipeline" in missing.stdout + missing.stderr
