@@ -264,7 +264,10 @@ class ComputeDaemon:
             self.on_task_done(name, message)
 
     def on_worker_ready(self, name: bytes, message: wire.WorkerReady) -> None:
+        """Register a worker, or take an idle worker's heartbeat (same name and pid)."""
         previous = self.workers.get(name)
+        if previous is not None and previous.pid == message.pid:
+            return
         if previous is not None and previous.task_id is not None:
             self.requeue(previous.task_id, f"{name.decode()} restarted")
         self.workers[name] = WorkerState(name, message.pid)

@@ -77,6 +77,10 @@ class RuntimeConfig:
     socket_dir: str = ""
     ready_timeout_s: float = 60.0
     request_timeout_s: float = 120.0
+    # A worker sends an unanswered lease request again after this long (the io daemon may have restarted).
+    lease_retry_s: float = 5.0
+    # An idle worker tells the compute daemon it is there this often, so a restarted compute daemon finds it.
+    heartbeat_s: float = 1.0
     stop_timeout_s: float = 10.0
     # numba compiles the kernels once per machine and caches them; the first compile is slow.
     compile_timeout_s: float = 600.0

@@ -20,11 +20,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mer_pipeline import wire
 from mer_pipeline.client import DaemonClient
 from mer_pipeline.histograms import merge_encoded, summarize_all
-from mer_pipeline.runtime import COMPUTE_SOCKET, IO_SOCKET, PIPELINE_FILE, PREDICTOR_SOCKET, PipelineInfo
+from mer_pipeline.runtime import COMPUTE_SOCKET, IO_SOCKET, LAUNCHER_SOCKET, PIPELINE_FILE, PREDICTOR_SOCKET, PipelineInfo
 from mer_pipeline.store import open_store
 from mer_pipeline.trace import Trace, TraceError, iter_inputs
 
 STATS_TIMEOUT_S = 10.0
+# How often a waiting client checks whether the compute daemon restarted.
+RESUME_CHECK_S = 1.0
+MAX_ATTEMPTS = 5
 
 
 class StreamError(RuntimeError):
@@ -97,7 +100,7 @@ def stream_trace(
                 request = wire.TokenRequest(
                     client.next_id(), index, wire.array_to_bytes(hidden), routing.layers, routing.experts, routing.probs
                 )
-                reply = client.request(request, timeout_s)
+                reply = resumable_request(info, client, request, timeout_s)
                 if isinstance(reply, wire.RequestFailed):
                     raise StreamError(f"token {index} failed: {reply.error}" + (" (retryable)" if reply.retryable else ""))
                 if not isinstance(reply, wire.TokenResult):
@@ -111,6 +114,55 @@ def stream_trace(
     after = collect_stats(info)
     summary = summarize_run(info, store.dtype, tokens, trace, before, after, elapsed_s, cycle_us)
     return outputs, summary
+
+
+def compute_pid(info: PipelineInfo) -> int | None:
+    """Return the compute daemon's pid as the launcher reports it, or None if unknown."""
+    client = DaemonClient(info.endpoint(LAUNCHER_SOCKET), "launcher")
+    try:
+        reply = client.request(wire.ControlRequest(client.next_id(), "status", ""), 2.0)
+    except TimeoutError:
+        return None
+    finally:
+        client.close()
+    if not isinstance(reply, wire.ControlReply) or not reply.ok:
+        return None
+    daemon = reply.payload["daemons"].get("compute", {})
+    return daemon.get("pid") if daemon.get("state") == "running" else None
+
+
+def resumable_request(info: PipelineInfo, client: DaemonClient, request: wire.Message, timeout_s: float) -> wire.Message:
+    """Send a request to the compute daemon and return its reply, sending it again if the
+    compute daemon restarts or reports a retryable failure meanwhile.
+
+    Token and expert requests are pure functions of their inputs, so a second
+    computation gives the same result.
+    """
+    deadline = time.monotonic() + timeout_s
+    serving_pid = compute_pid(info)
+    client.send(request)
+    attempts = 1
+    while time.monotonic() < deadline:
+        try:
+            reply = client.receive(RESUME_CHECK_S, "runtime.request_timeout_s")
+        except TimeoutError:
+            pid = compute_pid(info)
+            if pid is not None and pid != serving_pid:
+                serving_pid = pid
+                attempts += 1
+                client.send(request)
+            continue
+        if getattr(reply, "request_id", None) != request.request_id:
+            continue
+        if isinstance(reply, wire.RequestFailed) and reply.retryable and attempts < MAX_ATTEMPTS:
+            attempts += 1
+            client.send(request)
+            continue
+        return reply
+    raise StreamError(
+        f"request {request.request_id} got no reply from the compute daemon within runtime.request_timeout_s="
+        f"{timeout_s:.0f} s ({attempts} attempts); check `mer ctl status` and the compute daemon's log"
+    )
 
 
 def _delta(after: dict[str, Any], before: dict[str, Any], key: str) -> int:

@@ -61,31 +61,57 @@ class Worker:
         self.io.setsockopt(zmq.LINGER, 0)
         self.io.connect(info.endpoint(IO_SOCKET))
         self.histograms = StageHistograms()
-        self.counters = {"tasks": 0, "task_errors": 0, "hits": 0, "misses": 0, "lease_wait_us": 0, "compute_us": 0}
+        self.counters = {"tasks": 0, "task_errors": 0, "hits": 0, "misses": 0, "lease_wait_us": 0, "compute_us": 0, "lease_retries": 0}
         self.next_request_id = 1
         self.running = True
 
     def lease(self, expert: int) -> wire.LeaseGranted:
-        request_id = self.next_request_id
-        self.next_request_id += 1
-        self.io.send(wire.LeaseRequest(request_id, self.index, expert).encode())
-        timeout_s = self.info.config.runtime.request_timeout_s
-        deadline = time.monotonic() + timeout_s
+        """Return a lease on the slot holding `expert`, waiting for a read if needed.
+
+        A request unanswered for runtime.lease_retry_s is sent again, because the I/O
+        daemon may have restarted and lost it. The worker holds no lease while it
+        waits, so before retrying it reclaims every lease the table records for it
+        (a grant whose reply died with the old daemon), and it releases any grant
+        that answers an older request.
+        """
+        runtime_config = self.info.config.runtime
+        deadline = time.monotonic() + runtime_config.request_timeout_s
+        request_id = self._send_lease_request(expert, reclaim_first=False)
+        retry_at = time.monotonic() + runtime_config.lease_retry_s
         while time.monotonic() < deadline:
             if not self.io.poll(POLL_INTERVAL_MS):
                 if not parent_alive(self.info.launcher_pid):
                     raise SystemExit(0)
+                if time.monotonic() >= retry_at:
+                    self.counters["lease_retries"] += 1
+                    log.warning("lease request unanswered, retrying worker=%d expert=%d request_id=%d", self.index, expert, request_id)
+                    request_id = self._send_lease_request(expert, reclaim_first=True)
+                    retry_at = time.monotonic() + runtime_config.lease_retry_s
                 continue
-            reply = wire.decode(self.io.recv(), (wire.LeaseGranted, wire.LeaseFailed))
+            try:
+                reply = wire.decode(self.io.recv(), (wire.LeaseGranted, wire.LeaseFailed))
+            except wire.WireError as exc:
+                log.warning("rejected message from the io daemon error=%s", exc)
+                continue
             if reply.request_id != request_id:
-                continue  # a late reply to a request this worker gave up on
+                if isinstance(reply, wire.LeaseGranted):
+                    self.io.send(wire.Release(self.index, reply.slot, reply.generation).encode())
+                continue
             if isinstance(reply, wire.LeaseFailed):
                 raise LeaseError(reply.error)
             return reply
         raise LeaseError(
-            f"worker:{self.index} timed out after {timeout_s:.0f} s waiting for the I/O daemon to "
-            f"provide expert {expert}; check the io daemon's log or raise runtime.request_timeout_s"
+            f"worker:{self.index} timed out after {runtime_config.request_timeout_s:.0f} s waiting for the io daemon "
+            f"to provide expert {expert}; check the io daemon's log or raise runtime.request_timeout_s"
         )
+
+    def _send_lease_request(self, expert: int, reclaim_first: bool) -> int:
+        request_id = self.next_request_id
+        self.next_request_id += 1
+        if reclaim_first:
+            self.io.send(wire.ReclaimLeases(self.index).encode())
+        self.io.send(wire.LeaseRequest(request_id, self.index, expert).encode())
+        return request_id
 
     def run_task(self, task: wire.Task) -> wire.Message:
         start = time.perf_counter()
@@ -120,12 +146,19 @@ class Worker:
     def serve(self) -> None:
         self.tasks.send(wire.WorkerReady(self.index, os.getpid()).encode())
         log.info("worker ready index=%d pid=%d cpus=%s", self.index, os.getpid(), sorted(os.sched_getaffinity(0)))
+        heartbeat_s = self.info.config.runtime.heartbeat_s
+        last_sent_s = time.monotonic()
         while self.running:
             if not self.tasks.poll(POLL_INTERVAL_MS):
                 if not parent_alive(self.info.launcher_pid):
                     log.info("worker stop index=%d reason=launcher_gone", self.index)
                     return
+                if time.monotonic() - last_sent_s >= heartbeat_s:
+                    # Lets a restarted compute daemon find this worker.
+                    self.tasks.send(wire.WorkerReady(self.index, os.getpid()).encode())
+                    last_sent_s = time.monotonic()
                 continue
+            last_sent_s = time.monotonic()
             frame = self.tasks.recv()
             try:
                 message = wire.decode(frame, (wire.Task, wire.StatsRequest, wire.Shutdown))
