@@ -81,20 +81,40 @@ def _int8(v):
 
 
 @numba.njit(nogil=True, cache=True)
+def _block_absmax(weights, row, col):
+    # Four partial maxima break the dependency chain; max is exact, so the order does not matter.
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for j in range(0, BLOCK_WEIGHTS, 4):
+        a0 = max(a0, abs(weights[row, col + j]))
+        a1 = max(a1, abs(weights[row, col + j + 1]))
+        a2 = max(a2, abs(weights[row, col + j + 2]))
+        a3 = max(a3, abs(weights[row, col + j + 3]))
+    return max(max(a0, a1), max(a2, a3))
+
+
+@numba.njit(nogil=True, cache=True)
 def _quantize_block_q4_0(weights, row, col, scales, g, b, r, tile):
     # gguf.quants.Q4_0: d = (the signed weight of largest magnitude, first one on ties) / -8.
-    amax = np.float32(0.0)
-    vmax = np.float32(0.0)
+    # In a zero block that is the first weight, whose sign gguf keeps (0.0 / -8 = -0.0).
+    amax = _block_absmax(weights, row, col)
+    vmax = weights[row, col]
     for j in range(BLOCK_WEIGHTS):
-        v = weights[row, col + j]
-        if abs(v) > amax:
-            amax = abs(v)
-            vmax = v
-    if amax == 0.0:
-        vmax = weights[row, col]  # keeps the sign of a zero block's first weight, as numpy does
+        if abs(weights[row, col + j]) == amax:
+            vmax = weights[row, col + j]
+            break
     d = vmax / np.float32(-8.0)
     inv_d = np.float32(0.0) if d == 0.0 else np.float32(1.0) / d
     scales[g, b, r] = d
+    if abs(inv_d) < np.inf:
+        # |w * inv_d| <= 8, so v = w * inv_d + 8.5 >= 0 and trunc(min(v, 15)) = min(trunc(v), 15).
+        for j in range(16):
+            lo = min(np.float32(weights[row, col + j] * inv_d) + np.float32(8.5), np.float32(15.0))
+            hi = min(np.float32(weights[row, col + j + 16] * inv_d) + np.float32(8.5), np.float32(15.0))
+            tile[SCALES_BYTES + INTERLEAVE_ROWS * j + r] = np.uint8(np.int32(lo) | (np.int32(hi) << 4))
+        return
     for j in range(16):
         q_lo = _nibble(np.float32(weights[row, col + j] * inv_d) + np.float32(8.5))
         q_hi = _nibble(np.float32(weights[row, col + j + 16] * inv_d) + np.float32(8.5))
@@ -113,14 +133,13 @@ def _round_half_away(x):
 @numba.njit(nogil=True, cache=True)
 def _quantize_block_q8_0(weights, row, col, scales, g, b, r, tile):
     # gguf.quants.Q8_0: d = max |w| / 127, q = round half away from zero (w / d).
-    amax = np.float32(0.0)
-    for j in range(BLOCK_WEIGHTS):
-        amax = max(amax, abs(weights[row, col + j]))
-    d = amax / np.float32(127.0)
+    d = _block_absmax(weights, row, col) / np.float32(127.0)
     inv_d = np.float32(0.0) if d == 0.0 else np.float32(1.0) / d
     scales[g, b, r] = d
+    finite = abs(inv_d) < np.inf
     for j in range(BLOCK_WEIGHTS):
-        q = _int8(_round_half_away(np.float32(weights[row, col + j] * inv_d)))
+        rounded = _round_half_away(np.float32(weights[row, col + j] * inv_d))
+        q = np.int32(rounded) if finite else _int8(rounded)
         tile[SCALES_BYTES + INTERLEAVE_ROWS * j + r] = np.uint8(q & 0xFF)
 
 

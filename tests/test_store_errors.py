@@ -35,7 +35,9 @@ def assert_no_store(out):
 
 
 def test_truncated_gguf_data(full_gguf, tmp_path):
-    last = max(GGUFReader(full_gguf).tensors, key=lambda t: t.data_offset)
+    reader = GGUFReader(full_gguf)
+    last = max(reader.tensors, key=lambda t: t.data_offset)
+    relative_offset = last.data_offset - reader.data_offset  # GGUF offsets count from the data section
     data = full_gguf.read_bytes()
     full_gguf.write_bytes(data[: last.data_offset + 10])
     out = tmp_path / "store"
@@ -46,6 +48,7 @@ def test_truncated_gguf_data(full_gguf, tmp_path):
     assert repr(last.name) in message
     assert "the file is truncated" in message
     assert f"only {last.data_offset + 10} bytes long" in message
+    assert f"data at offset {relative_offset} of the data section (file offset {last.data_offset})" in message
     assert_no_store(out)
 
 
