@@ -8,7 +8,7 @@ mistakes for a store because it is not at OUT.
 
 Quantization here is a numba version of gguf.quants' q4_0 and q8_0 rounding that writes
 straight into the 8-row-interleaved tiles of mer_pipeline.quant. It must stay bit for bit
-equal to `quant.pack_ggml(quant.quantize_ggml(w))`; tests/test_store.py checks that,
+equal to `quant.pack_ggml(quant.quantize_ggml(w))`. tests/test_store.py checks that,
 including zero blocks, -0.0 scales and row counts that are not a multiple of 8.
 """
 
