@@ -199,6 +199,7 @@ class _SourceHasher:
         self.files = files
         self.digests: dict[Path, str] = {}
         self.error: OSError | None = None
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="source-sha256", daemon=True)
         self._thread.start()
 
@@ -207,11 +208,16 @@ class _SourceHasher:
             for path in self.files:
                 digest = hashlib.sha256()
                 with open(path, "rb") as f:
-                    while chunk := f.read(HASH_CHUNK_BYTES):
+                    while not self._cancelled.is_set() and (chunk := f.read(HASH_CHUNK_BYTES)):
                         digest.update(chunk)
                 self.digests[path] = digest.hexdigest()
         except OSError as exc:
             self.error = exc
+
+    def cancel(self) -> None:
+        """Stop reading, so that a failed import does not go on hashing a large file."""
+        self._cancelled.set()
+        self._thread.join()
 
     def result(self) -> dict[str, Any]:
         self._thread.join()
@@ -304,6 +310,7 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], 
     dtype = quant.check_dtype(dtype)
     started_s = time.monotonic()
     source = open_source(src, config=config, top_k=top_k)
+    hasher: _SourceHasher | None = None
     try:
         model = source.model
         check_model_shape(model, source.path)
@@ -316,8 +323,8 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], 
                     model["d_model"], model["d_ff"])
         packer = _Packer(layout, source.path)
         writer = StoreWriter(out, layout, n_total, force=force)
+        hasher = _SourceHasher(source.files)
         with writer:
-            hasher = _SourceHasher(source.files)
             for expert_id, (layer, expert) in enumerate(_expert_ids(model)):
                 writer.add_expert(layer, expert, packer.pack(source.expert_matrices(layer, expert)))
                 if on_expert is not None:
@@ -330,6 +337,10 @@ def import_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], 
                 "source": {"kind": source.kind, "path": str(source.path.resolve()), **hasher.result()},
                 "dense": {"file": DENSE_FILE_NAME, "naming": source.naming, "tensors": dense_tensors},
             })
+    except BaseException:
+        if hasher is not None:
+            hasher.cancel()
+        raise
     finally:
         source.close()
     counts = " ".join(f"{action}={count}" for action, count in packer.counts.items())
