@@ -339,3 +339,24 @@ def test_moe_block_matches_hf_reference(fixtures, gguf_writer, hf_tiny, tmp_path
     out = moe_block(store, router, np.asarray(reference["input"], dtype=np.float32))
     hf_ref = np.asarray(reference["hf_ref"])
     assert np.abs(out - hf_ref).max() <= 1e-4 * max(1.0, np.abs(hf_ref).max())
+
+
+def test_cli_import_and_info(fixtures, gguf_writer, tmp_path):
+    from typer.testing import CliRunner
+
+    from mer_pipeline.cli_store import app
+
+    fixture = fixtures["classic"]
+    path = gguf_writer(tmp_path / "model.gguf", fixture["tensors"], fixture["config"], layout="per_expert",
+                       expert_type=GGMLType.Q8_0)
+    out = tmp_path / "store"
+    runner = CliRunner()
+    result = runner.invoke(app, ["import", str(path), str(out), "--dtype", "q8_0"])
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    summary = json.loads(info.stdout)
+    assert summary["source"]["kind"] == "gguf"
+    assert summary["dense"]["naming"] == "gguf"
+    assert summary["dense"]["tensors"] == 17
+    assert summary["experts"] == 8
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
