@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 # Regions waiting for the writer thread; two keep the disk busy while the next expert is
 # packed, without holding more than three regions in memory.
 WRITE_QUEUE_DEPTH = 2
+# numba reads module globals as compile-time constants, but not dict entries.
+Q4_0_TILE_BYTES = TILE_BYTES["q4_0"]
+Q8_0_TILE_BYTES = TILE_BYTES["q8_0"]
 
 
 class StoreWriteError(RuntimeError):
@@ -81,44 +84,18 @@ def _int8(v):
 
 
 @numba.njit(nogil=True, cache=True)
-def _block_absmax(weights, row, col):
+def _block_absmax(flat, base):
     # Four partial maxima break the dependency chain; max is exact, so the order does not matter.
     a0 = np.float32(0.0)
     a1 = np.float32(0.0)
     a2 = np.float32(0.0)
     a3 = np.float32(0.0)
     for j in range(0, BLOCK_WEIGHTS, 4):
-        a0 = max(a0, abs(weights[row, col + j]))
-        a1 = max(a1, abs(weights[row, col + j + 1]))
-        a2 = max(a2, abs(weights[row, col + j + 2]))
-        a3 = max(a3, abs(weights[row, col + j + 3]))
+        a0 = max(a0, abs(flat[base + j]))
+        a1 = max(a1, abs(flat[base + j + 1]))
+        a2 = max(a2, abs(flat[base + j + 2]))
+        a3 = max(a3, abs(flat[base + j + 3]))
     return max(max(a0, a1), max(a2, a3))
-
-
-@numba.njit(nogil=True, cache=True)
-def _quantize_block_q4_0(weights, row, col, scales, g, b, r, tile):
-    # gguf.quants.Q4_0: d = (the signed weight of largest magnitude, first one on ties) / -8.
-    # In a zero block that is the first weight, whose sign gguf keeps (0.0 / -8 = -0.0).
-    amax = _block_absmax(weights, row, col)
-    vmax = weights[row, col]
-    for j in range(BLOCK_WEIGHTS):
-        if abs(weights[row, col + j]) == amax:
-            vmax = weights[row, col + j]
-            break
-    d = vmax / np.float32(-8.0)
-    inv_d = np.float32(0.0) if d == 0.0 else np.float32(1.0) / d
-    scales[g, b, r] = d
-    if abs(inv_d) < np.inf:
-        # |w * inv_d| <= 8, so v = w * inv_d + 8.5 >= 0 and trunc(min(v, 15)) = min(trunc(v), 15).
-        for j in range(16):
-            lo = min(np.float32(weights[row, col + j] * inv_d) + np.float32(8.5), np.float32(15.0))
-            hi = min(np.float32(weights[row, col + j + 16] * inv_d) + np.float32(8.5), np.float32(15.0))
-            tile[SCALES_BYTES + INTERLEAVE_ROWS * j + r] = np.uint8(np.int32(lo) | (np.int32(hi) << 4))
-        return
-    for j in range(16):
-        q_lo = _nibble(np.float32(weights[row, col + j] * inv_d) + np.float32(8.5))
-        q_hi = _nibble(np.float32(weights[row, col + j + 16] * inv_d) + np.float32(8.5))
-        tile[SCALES_BYTES + INTERLEAVE_ROWS * j + r] = np.uint8(q_lo | (q_hi << 4))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -130,35 +107,71 @@ def _round_half_away(x):
     return -rounded if x < 0.0 else rounded
 
 
-@numba.njit(nogil=True, cache=True)
-def _quantize_block_q8_0(weights, row, col, scales, g, b, r, tile):
-    # gguf.quants.Q8_0: d = max |w| / 127, q = round half away from zero (w / d).
-    d = _block_absmax(weights, row, col) / np.float32(127.0)
-    inv_d = np.float32(0.0) if d == 0.0 else np.float32(1.0) / d
-    scales[g, b, r] = d
-    finite = abs(inv_d) < np.inf
-    for j in range(BLOCK_WEIGHTS):
-        rounded = _round_half_away(np.float32(weights[row, col + j] * inv_d))
-        q = np.int32(rounded) if finite else _int8(rounded)
-        tile[SCALES_BYTES + INTERLEAVE_ROWS * j + r] = np.uint8(q & 0xFF)
+# Kernel arguments: flat is the float32 matrix, row-major and flattened (flat indexing
+# compiled to faster code than 2-D views). out is the packed matrix, whose qs bytes the
+# kernel writes. scales[g, b * 8 + r] receives the float32 scale of row 8g + r, block b.
 
 
 @numba.njit(nogil=True, parallel=True, cache=True)
-def _quantize_tiles(weights, tiles, scales, q8):
-    # tiles: uint8 [groups, n_blocks, tile_bytes], zeroed; scales: float32 [groups, n_blocks, 8].
-    rows = weights.shape[0]
-    groups, n_blocks = tiles.shape[0], tiles.shape[1]
-    for g in numba.prange(groups):
+def _quantize_tiles_q4_0(flat, rows, cols, out, scales):
+    n_blocks = cols // BLOCK_WEIGHTS
+    tile_bytes = Q4_0_TILE_BYTES
+    for g in numba.prange(scales.shape[0]):
         for b in range(n_blocks):
-            tile = tiles[g, b]
+            tile = (g * n_blocks + b) * tile_bytes + SCALES_BYTES
             for r in range(INTERLEAVE_ROWS):
                 row = g * INTERLEAVE_ROWS + r
                 if row >= rows:
-                    break  # padding rows stay all-zero bytes, as pack_ggml writes them
-                if q8:
-                    _quantize_block_q8_0(weights, row, b * BLOCK_WEIGHTS, scales, g, b, r, tile)
-                else:
-                    _quantize_block_q4_0(weights, row, b * BLOCK_WEIGHTS, scales, g, b, r, tile)
+                    break
+                base = row * cols + b * BLOCK_WEIGHTS
+                # gguf.quants.Q4_0: d = (the signed weight of largest magnitude, first one on
+                # ties) / -8. In a zero block that is the first weight: 0.0 / -8 = -0.0.
+                amax = _block_absmax(flat, base)
+                vmax = flat[base]
+                for j in range(BLOCK_WEIGHTS):
+                    if abs(flat[base + j]) == amax:
+                        vmax = flat[base + j]
+                        break
+                d = vmax / np.float32(-8.0)
+                inv_d = np.float32(0.0) if d == 0.0 else np.float32(1.0) / d
+                scales[g, b * INTERLEAVE_ROWS + r] = d
+                if abs(inv_d) < np.inf:
+                    # |w * inv_d| <= 8, so v >= 0 and trunc(min(v, 15)) = min(trunc(v), 15).
+                    for j in range(16):
+                        lo = min(np.float32(flat[base + j] * inv_d) + np.float32(8.5), np.float32(15.0))
+                        hi = min(np.float32(flat[base + j + 16] * inv_d) + np.float32(8.5), np.float32(15.0))
+                        out[tile + INTERLEAVE_ROWS * j + r] = np.uint8(np.int32(lo) | (np.int32(hi) << 4))
+                    continue
+                for j in range(16):
+                    q_lo = _nibble(np.float32(flat[base + j] * inv_d) + np.float32(8.5))
+                    q_hi = _nibble(np.float32(flat[base + j + 16] * inv_d) + np.float32(8.5))
+                    out[tile + INTERLEAVE_ROWS * j + r] = np.uint8(q_lo | (q_hi << 4))
+
+
+@numba.njit(nogil=True, parallel=True, cache=True)
+def _quantize_tiles_q8_0(flat, rows, cols, out, scales):
+    n_blocks = cols // BLOCK_WEIGHTS
+    tile_bytes = Q8_0_TILE_BYTES
+    for g in numba.prange(scales.shape[0]):
+        for b in range(n_blocks):
+            tile = (g * n_blocks + b) * tile_bytes + SCALES_BYTES
+            for r in range(INTERLEAVE_ROWS):
+                row = g * INTERLEAVE_ROWS + r
+                if row >= rows:
+                    break
+                base = row * cols + b * BLOCK_WEIGHTS
+                # gguf.quants.Q8_0: d = max |w| / 127, q = round half away from zero (w / d).
+                d = _block_absmax(flat, base) / np.float32(127.0)
+                inv_d = np.float32(0.0) if d == 0.0 else np.float32(1.0) / d
+                scales[g, b * INTERLEAVE_ROWS + r] = d
+                if abs(inv_d) < np.inf:
+                    for j in range(BLOCK_WEIGHTS):
+                        q = np.int32(_round_half_away(np.float32(flat[base + j] * inv_d)))
+                        out[tile + INTERLEAVE_ROWS * j + r] = np.uint8(q & 0xFF)
+                    continue
+                for j in range(BLOCK_WEIGHTS):
+                    q = _int8(_round_half_away(np.float32(flat[base + j] * inv_d)))
+                    out[tile + INTERLEAVE_ROWS * j + r] = np.uint8(q & 0xFF)
 
 
 def quantize_pack(weights: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
@@ -185,12 +198,14 @@ def quantize_pack(weights: np.ndarray, dtype: str, out: np.ndarray | None = None
     groups = quant.padded_rows(rows, dtype) // INTERLEAVE_ROWS
     n_blocks = cols // BLOCK_WEIGHTS
     tiles = out.reshape(groups, n_blocks, TILE_BYTES[dtype])
-    tiles[:] = 0
-    scales = np.zeros((groups, n_blocks, INTERLEAVE_ROWS), dtype=np.float32)
-    _quantize_tiles(weights, tiles, scales, dtype == "q8_0")
+    if rows % INTERLEAVE_ROWS:
+        tiles[-1] = 0  # the kernel skips padding rows, which pack_ggml fills with zero bytes
+    scales = np.zeros((groups, n_blocks * INTERLEAVE_ROWS), dtype=np.float32)
+    kernel = _quantize_tiles_q4_0 if dtype == "q4_0" else _quantize_tiles_q8_0
+    kernel(weights.reshape(-1), rows, cols, out, scales)
     # numba has no float16 on the CPU, so the scales are rounded to float16 by numpy,
     # which is also what gguf.quants does.
-    tiles[..., :SCALES_BYTES] = scales.astype(np.float16).view(np.uint8).reshape(groups, n_blocks, -1)
+    tiles[..., :SCALES_BYTES] = scales.astype(np.float16).view(np.uint8).reshape(groups, n_blocks, SCALES_BYTES)
     return out
 
 

@@ -87,6 +87,14 @@ def test_quantize_pack_random_matches_gguf(rows, blocks, scale, seed, dtype):
     assert np.array_equal(quantize_pack(weights, dtype), gguf_packed(weights, dtype))
 
 
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+def test_quantize_pack_overwrites_dirty_buffer(dtype):
+    weights = np.random.default_rng(2).normal(size=(13, 64)).astype(np.float32)
+    out = np.full(quant.matrix_nbytes(13, 64, dtype), 0xFF, dtype=np.uint8)
+    quantize_pack(weights, dtype, out=out)
+    assert np.array_equal(out, gguf_packed(weights, dtype))
+
+
 def test_quantize_pack_rejects_bad_row_length():
     with pytest.raises(quant.LayoutError, match=r"row length 40 is not a multiple of the q4_0 block size \(32\)"):
         quantize_pack(np.zeros((8, 40), np.float32), "q4_0")
