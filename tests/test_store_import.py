@@ -160,6 +160,8 @@ GGUF_CASES = [
     ("layer0", "stacked", GGMLType.Q4_0, "q4_0"),
     ("layer0", "fused", GGMLType.Q4_0, "q4_0"),
     ("layer0", "per_expert", GGMLType.F16, "q8_0"),
+    ("layer0", "stacked", GGMLType.BF16, "f32"),
+    ("classic", "fused", GGMLType.BF16, "q4_0"),
 ]
 
 
@@ -167,7 +169,7 @@ def gguf_expected(source: np.ndarray, source_type: GGMLType, dtype: str) -> np.n
     """Float weights the store must hold for a GGUF tensor written from `source`."""
     if source_type == GGMLType.F16:
         source = source.astype(np.float16).astype(np.float32)
-    elif source_type in (GGMLType.Q4_0, GGMLType.Q8_0):
+    elif source_type in (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.BF16):
         source = quants.dequantize(quants.quantize(source, source_type), source_type)
     return expected_weights(source, dtype)
 
