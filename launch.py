@@ -34,6 +34,7 @@ from mer_pipeline.runtime import (
     PIPELINE_FILE,
     PREDICTOR_SOCKET,
     PipelineInfo,
+    RateLimitedWarning,
     setup_logging,
 )
 from mer_pipeline.slot_pool import SlotPool, pool_names, unlink_segment
@@ -91,6 +92,7 @@ class Launcher:
         self.stop_requested = False
         self.failure: str | None = None
         self.claimed_socket_dir = False
+        self.warn = RateLimitedWarning(log)
 
     # --- preparation ------------------------------------------------------------------
 
@@ -358,7 +360,7 @@ class Launcher:
             try:
                 request = wire.decode(frame, (wire.ControlRequest,))
             except wire.WireError as exc:
-                log.warning("rejected control message error=%s", exc)
+                self.warn.warning("control", "control message rejected error=%s", exc)
                 continue
             reply = self.handle_control(request)
             self.control.send_multipart([sender, reply.encode()])

@@ -33,6 +33,7 @@ from mer_pipeline.runtime import (
     PREDICTOR_SOCKET,
     TASKS_SOCKET,
     PipelineInfo,
+    RateLimitedWarning,
     exit_with_parent,
     parent_alive,
     pin_cpus,
@@ -125,7 +126,7 @@ class ComputeDaemon:
         self.next_gather_id = 1
         self.histograms = StageHistograms()
         self.counters = collections.Counter()
-        self.rejected_log_s = 0.0
+        self.warn = RateLimitedWarning(log)
         self.running = True
 
     def _bind(self, kind: int, name: str) -> zmq.Socket:
@@ -157,10 +158,7 @@ class ComputeDaemon:
 
     def _reject(self, client: bytes, frame: bytes, exc: Exception) -> None:
         self.counters["rejected_messages"] += 1
-        now = time.monotonic()
-        if now - self.rejected_log_s > 5.0:
-            self.rejected_log_s = now
-            log.warning("rejected message bytes=%d error=%s total_rejected=%d", len(frame), exc, self.counters["rejected_messages"])
+        self.warn.warning("message", "message rejected bytes=%d error=%s", len(frame), exc)
 
     def _fail(self, job: Job, error: str, retryable: bool) -> None:
         job.failed = True

@@ -93,6 +93,7 @@ class IoDaemon:
     def __init__(self, info: runtime.PipelineInfo) -> None:
         self.info = info
         self.config = info.config
+        self.warn = runtime.RateLimitedWarning(log)
         self.store: Store = open_store(info.store)
         self.pool = SlotPool.attach(info.pool_data_name, info.pool_table_name)
         self.table = self.pool.table
@@ -216,7 +217,7 @@ class IoDaemon:
                 message = wire.decode(payload, ACCEPTED)
             except wire.WireError as exc:
                 self.counters["bad_messages"] += 1
-                log.warning("message rejected error=%s", exc)
+                self.warn.warning("message", "message rejected error=%s", exc)
                 continue
             self._dispatch(envelope, message)
             if self.stopping:
@@ -314,7 +315,7 @@ class IoDaemon:
             self.table.release(message.slot, message.worker, message.generation)
         except SlotStateError as exc:
             self.counters["release_errors"] += 1
-            log.warning("release rejected worker=%d slot=%d error=%s", message.worker, message.slot, exc)
+            self.warn.warning("release", "release rejected worker=%d slot=%d error=%s", message.worker, message.slot, exc)
             return
         self._serve_waiting()
 
@@ -322,7 +323,7 @@ class IoDaemon:
         try:
             dropped = self.table.reclaim(message.worker)
         except SlotStateError as exc:
-            log.warning("reclaim rejected worker=%d error=%s", message.worker, exc)
+            self.warn.warning("reclaim", "reclaim rejected worker=%d error=%s", message.worker, exc)
             return
         log.info("leases reclaimed worker=%d leases=%d", message.worker, dropped)
         self._serve_waiting()
@@ -468,7 +469,7 @@ class IoDaemon:
         self.counters["prefetch_hints"] += 1
         if not 0 <= hint.expert < self.store.n_experts_total:
             self.counters["bad_messages"] += 1
-            log.warning("prefetch hint rejected expert=%d error=expert id out of range", hint.expert)
+            self.warn.warning("hint", "prefetch hint rejected expert=%d error=expert id out of range", hint.expert)
             return
         if hint.expert in self.slot_of or self.waiting:
             # Already cached or loading, or demand requests are waiting for slots.

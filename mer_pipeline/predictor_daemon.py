@@ -12,7 +12,6 @@ import collections
 import logging
 import os
 import signal
-import time
 
 import zmq
 
@@ -22,6 +21,7 @@ from mer_pipeline.runtime import (
     IO_SOCKET,
     PREDICTOR_SOCKET,
     PipelineInfo,
+    RateLimitedWarning,
     exit_with_parent,
     parent_alive,
     pin_cpus,
@@ -40,6 +40,8 @@ class PredictorDaemon:
         self.config = info.config.predictor
         store = open_store(info.store)
         self.predictor = make_predictor(self.config.kind, store.shape.n_layers, store.shape.n_experts)
+        self.n_layers = store.shape.n_layers
+        self.n_experts = store.shape.n_experts
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.ROUTER)
         self.inbox.setsockopt(zmq.LINGER, 0)
@@ -50,9 +52,15 @@ class PredictorDaemon:
         self.io.setsockopt(zmq.IDENTITY, f"predictor:{os.getpid()}".encode())
         self.io.connect(info.endpoint(IO_SOCKET))
         self.counters = collections.Counter()
-        self.rejected_log_s = 0.0
+        self.warn = RateLimitedWarning(log)
 
     def on_observation(self, observation: wire.Observation) -> None:
+        layer, experts = observation.layer, observation.experts
+        first_id = layer * self.n_experts
+        if not 0 <= layer < self.n_layers or not all(first_id <= e < first_id + self.n_experts for e in experts):
+            self.counters["rejected_messages"] += 1
+            self.warn.warning("observation", "observation rejected layer=%d experts=%s error=out of range", layer, experts[:8])
+            return
         self.counters["observations"] += 1
         self.predictor.observe(observation.token, observation.layer, observation.experts)
         hints = self.predictor.predict(
@@ -80,10 +88,7 @@ class PredictorDaemon:
                 message = wire.decode(frame, (wire.Observation, wire.StatsRequest, wire.Shutdown))
             except wire.WireError as exc:
                 self.counters["rejected_messages"] += 1
-                now = time.monotonic()
-                if now - self.rejected_log_s > 5.0:
-                    self.rejected_log_s = now
-                    log.warning("rejected message error=%s total_rejected=%d", exc, self.counters["rejected_messages"])
+                self.warn.warning("message", "message rejected error=%s", exc)
                 continue
             if isinstance(message, wire.Observation):
                 self.on_observation(message)

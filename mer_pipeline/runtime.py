@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from mer_pipeline.config import PipelineConfig
@@ -92,3 +93,23 @@ def pin_cpus(cpus: list[int], role: str) -> None:
         return
     os.sched_setaffinity(0, set(cpus))
     log.info("%s pinned cpus=%s", role, ",".join(map(str, sorted(cpus))))
+
+
+class RateLimitedWarning:
+    """Log a warning at most once per `interval_s` per key, with the count of repeats
+    that were suppressed in between, so hostile or broken peers cannot flood a log."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 5.0) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.last_s: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last_s.get(key, -self.interval_s) < self.interval_s:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return
+        self.last_s[key] = now
+        repeats = self.suppressed.pop(key, 0)
+        self.logger.warning(message + " suppressed_since_last=%d", *args, repeats)
