@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import zmq
 
@@ -23,7 +22,6 @@ class DaemonClient:
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.IDENTITY, f"client:{os.getpid()}:{id(self):x}".encode())
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
 

@@ -133,3 +133,22 @@ def test_launcher_killed_daemons_exit_and_restart_cleans(chaos_store, trace, tmp
     assert out.shape == (2, 64)
     for name in names + new_names:
         assert not os.path.exists("/dev/shm" + name)
+
+
+def test_io_restart_keeps_cached_experts(chaos_store, trace, tmp_path):
+    with launched_pipeline(chaos_store, tmp_path / "warm", ["--slots", "256"]) as info:
+        first, cold = stream_trace(info, trace, None, 6, seed=5, progress=False)
+        io_pid = _status(info)["io"]["pid"]
+        os.kill(io_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            io = _status(info)["io"]
+            if io["state"] == "running" and io["pid"] != io_pid:
+                break
+            time.sleep(0.2)
+        assert io["restarts"] == 1
+        second, warm = stream_trace(info, trace, None, 6, seed=5, progress=False)
+    assert cold["misses"] > 0
+    assert warm["misses"] == 0
+    assert warm["hits"] == warm["lookups"]
+    assert np.array_equal(first, second)
