@@ -14,6 +14,7 @@ from rich.table import Table
 
 from mer_pipeline import wire
 from mer_pipeline.cli_bench import app as bench_app
+from mer_pipeline.cli_generate import generate
 from mer_pipeline.cli_store import app as store_app
 from mer_pipeline.client import DaemonClient, DaemonTimeout
 from mer_pipeline.config import ConfigError, load_config
@@ -30,6 +31,7 @@ app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
 ctl_app = typer.Typer(no_args_is_help=True, help="Control a running pipeline.")
 app.add_typer(ctl_app, name="ctl")
+app.command()(generate)
 console = Console()
 
 

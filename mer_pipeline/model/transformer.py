@@ -238,7 +238,7 @@ class MixtralModel:
         """Guess the experts of layers layer+1.. from the current residual stream; hint the chosen distances."""
         c = self.config
         distances = len(self.lookahead_stats.predicted)
-        hinted = self._hinted_distances()
+        hinted = self.hinted_distances()
         for distance in range(1, distances + 1):
             target = layer + distance
             if target >= c.n_layers:
@@ -251,7 +251,7 @@ class MixtralModel:
             if distance <= hinted:
                 self.experts.hint(target, sorted(guess), distance, float(probs.mean()))
 
-    def _hinted_distances(self) -> int:
+    def hinted_distances(self) -> int:
         if self.lookahead != "auto":
             return int(self.lookahead)
         precision = self.lookahead_stats.precision()
