@@ -80,9 +80,13 @@ def synth(
     dtype: str = typer.Option(DEFAULTS.dtype, "--dtype", callback=_check_dtype, help="q4_0, q8_0 or f32."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Random seed; the same seed gives the same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing store at OUT."),
+    full_model: bool = typer.Option(False, "--full-model", help="Also write random dense tensors, so the whole model runs."),
+    vocab_size: int = typer.Option(DEFAULTS.vocab_size, "--vocab-size", help="Vocabulary size (with --full-model)."),
+    heads: int = typer.Option(DEFAULTS.n_heads, "--heads", help="Attention query heads (with --full-model)."),
+    kv_heads: int = typer.Option(DEFAULTS.n_kv_heads, "--kv-heads", help="Attention KV heads (with --full-model)."),
 ) -> None:
-    """Write a store of random experts (normal, std 1/sqrt(row length)); no dense tensors."""
-    config = SynthConfig(layers, experts, top_k, d_model, d_ff, dtype, seed)
+    """Write a store of random experts (normal, std 1/sqrt(row length)); dense tensors only with --full-model."""
+    config = SynthConfig(layers, experts, top_k, d_model, d_ff, dtype, seed, full_model, vocab_size, heads, kv_heads)
     try:
         config.validate()
         region_bytes = expert_layout(d_model, d_ff, dtype).region_bytes

@@ -53,6 +53,12 @@ class SynthConfig:
     d_ff: int = 14336
     dtype: str = "q4_0"
     seed: int = 0
+    # With full_model, the store also gets random dense tensors (see mer_pipeline.model.synth_dense) so the
+    # whole model runs; the attention shape below matters only then.
+    full_model: bool = False
+    vocab_size: int = 32000
+    n_heads: int = 32
+    n_kv_heads: int = 8
 
     def validate(self) -> None:
         for name in ("n_layers", "n_experts", "top_k", "d_model", "d_ff"):
@@ -63,6 +69,15 @@ class SynthConfig:
         if not 0 <= self.seed < 2**64:
             raise quant.LayoutError(f"seed ({self.seed}) must be in 0 .. 2**64 - 1")
         expert_layout(self.d_model, self.d_ff, self.dtype)  # checks dtype and the block size rule
+        if self.full_model:
+            for name in ("vocab_size", "n_heads", "n_kv_heads"):
+                if getattr(self, name) <= 0:
+                    raise quant.LayoutError(f"{name} ({getattr(self, name)}) must be positive")
+            if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+                raise quant.LayoutError(
+                    f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) into even head sizes and be "
+                    f"a multiple of n_kv_heads ({self.n_kv_heads})"
+                )
 
 
 def _splitmix64(x: int) -> int:
@@ -170,18 +185,27 @@ def write_synth_store(out: str | os.PathLike[str], config: SynthConfig, *, force
             writer.add_expert(expert_id // config.n_experts, expert_id % config.n_experts, region)
             if on_expert is not None:
                 on_expert(expert_id)
+        model = {
+            "n_layers": config.n_layers,
+            "n_experts": config.n_experts,
+            "top_k": config.top_k,
+            "d_model": config.d_model,
+            "d_ff": config.d_ff,
+        }
+        dense = None
+        if config.full_model:
+            from mer_pipeline.model.synth_dense import DENSE_FILE_NAME, dense_model_fields, write_dense_gguf
+
+            dense = {"file": DENSE_FILE_NAME, "naming": "gguf",
+                     "tensors": write_dense_gguf(writer.path / DENSE_FILE_NAME, config)}
+            writer.add_file(DENSE_FILE_NAME)
+            model.update(dense_model_fields(config))
         store = writer.commit({
-            "model": {
-                "n_layers": config.n_layers,
-                "n_experts": config.n_experts,
-                "top_k": config.top_k,
-                "d_model": config.d_model,
-                "d_ff": config.d_ff,
-            },
+            "model": model,
             "dtype": config.dtype,
             "source": {"kind": "synthetic", "seed": config.seed, "path": None, "sha256": None, "size": None,
                        "distribution": "normal(0, 1/sqrt(fan_in))"},
-            "dense": None,
+            "dense": dense,
         })
     elapsed_s = time.monotonic() - started_s
     logger.info("synth done out=%s experts=%d elapsed_s=%.1f bytes_per_s=%.0f",
