@@ -1,9 +1,9 @@
 """Benchmark of the SwiGLU kernel on one Mixtral-shaped q4_0 expert.
 
 The yardstick is the memory-read floor: the time that all threads need to read the
-expert's bytes from RAM once (a parallel sum over them as uint64). The expert holds
-random tile bytes with float16 scales between 0.002 and 0.02; the kernel's speed
-does not depend on the values, so no gguf quantization is needed.
+expert's bytes from RAM once (a parallel sum over them as uint64). The expert
+contains random tile bytes with float16 scales between 0.002 and 0.02. The kernel's
+speed does not depend on the values, so the benchmark skips gguf quantization.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ MIXTRAL_D_FF = 14336
 TARGET_BATCH1_TO_FLOOR = 1.5
 TARGET_BATCH8_TO_BATCH1 = 6.0
 TARGET_READY_S = 1.0
-# What a fresh process runs to be ready: import the kernels, load them from numba's
-# disk cache, and compute one small expert.
+# Script of a fresh process that gets ready to compute: import the kernels, load them
+# from numba's disk cache, and compute one small expert.
 READY_SCRIPT = (
     "import numpy as np\n"
     "from mer_pipeline import kernels, quant\n"
@@ -76,16 +76,23 @@ def time_calls(function: Callable[[], object], repeats: int) -> list[float]:
     return seconds
 
 
-def time_floor_s(region: np.ndarray, payload_bytes: int, threads: int, repeats: int) -> list[float]:
-    words = region[:payload_bytes - payload_bytes % 8].view(np.uint64)
-    kernels.set_num_threads(threads)
-    return time_calls(lambda: _sum_words(words), repeats)
+def time_cases_round_robin(cases: dict[str, tuple[int, Callable[[], object]]], repeats: int) -> dict[str, list[float]]:
+    """Time each case (thread count, function) `repeats` times, one call of each case per round.
 
-
-def time_swiglu_s(region, layout, n_tokens: int, threads: int, repeats: int) -> list[float]:
-    x = np.random.default_rng(n_tokens).standard_normal((n_tokens, layout.d_model)).astype(np.float32)
-    kernels.set_num_threads(threads)
-    return time_calls(lambda: kernels.swiglu(region, layout, x), repeats)
+    Taking turns spreads a burst of load from other processes over all cases
+    instead of letting it distort one of them.
+    """
+    for n_threads, function in cases.values():
+        kernels.set_num_threads(n_threads)
+        function()
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (n_threads, function) in cases.items():
+            kernels.set_num_threads(n_threads)
+            start = time.perf_counter()
+            function()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
 def time_ready_s(repeats: int) -> list[float]:
@@ -108,42 +115,42 @@ def machine_info() -> dict:
     return {"cpu_model": cpu_model, "cores": os.cpu_count(), "memory_bytes": memory_bytes}
 
 
-def _ms(seconds: list[float]) -> float:
-    return statistics.median(seconds) * 1e3
-
-
 def run_kernel_benchmark(threads: int, repeats: int, ready_repeats: int = 3) -> dict:
-    """Measure the read floor, SwiGLU at batch 1 and 8 on one thread and `threads`, and
-    the ready time of a fresh process. Times are medians over `repeats` calls."""
+    """Measure the read floor, SwiGLU at batch 1 and 8 on one thread and on `threads`,
+    and the ready time of a fresh process. Times are medians over `repeats` rounds."""
     kernels.warmup()
     layout, region = synthetic_expert(MIXTRAL_D_MODEL, MIXTRAL_D_FF)
     expert_bytes = layout.payload_bytes
+    words = region[:expert_bytes - expert_bytes % 8].view(np.uint64)
+    rng = np.random.default_rng(1)
+    batches = {n: rng.standard_normal((n, layout.d_model)).astype(np.float32) for n in (1, 8)}
 
-    floor_ms = _ms(time_floor_s(region, expert_bytes, threads, repeats))
-    floor_one_thread_ms = _ms(time_floor_s(region, expert_bytes, 1, repeats))
-    swiglu_ms = {}
-    for n_tokens in (1, 8):
-        for name, n_threads in (("all_cores", threads), ("one_thread", 1)):
-            swiglu_ms[f"batch{n_tokens}_{name}_ms"] = _ms(
-                time_swiglu_s(region, layout, n_tokens, n_threads, repeats)
-            )
+    def swiglu_call(n_tokens: int) -> Callable[[], object]:
+        return lambda: kernels.swiglu(region, layout, batches[n_tokens])
+
+    cases = {
+        "floor": (threads, lambda: _sum_words(words)),
+        "floor_one_thread": (1, lambda: _sum_words(words)),
+        "batch1_all_cores": (threads, swiglu_call(1)),
+        "batch1_one_thread": (1, swiglu_call(1)),
+        "batch8_all_cores": (threads, swiglu_call(8)),
+        "batch8_one_thread": (1, swiglu_call(8)),
+    }
+    seconds = time_cases_round_robin(cases, repeats)
     kernels.set_num_threads(threads)
     ready_s = statistics.median(time_ready_s(ready_repeats))
 
-    ratio_to_floor = swiglu_ms["batch1_all_cores_ms"] / floor_ms
-    batch8_to_batch1 = swiglu_ms["batch8_all_cores_ms"] / swiglu_ms["batch1_all_cores_ms"]
+    median_ms = {f"{name}_ms": statistics.median(values) * 1e3 for name, values in seconds.items()}
+    ratio_to_floor = median_ms["batch1_all_cores_ms"] / median_ms["floor_ms"]
+    batch8_to_batch1 = median_ms["batch8_all_cores_ms"] / median_ms["batch1_all_cores_ms"]
     return {
         "machine": machine_info(),
         "threads": threads,
         "repeats": repeats,
         "expert_bytes": expert_bytes,
-        "floor_ms": floor_ms,
-        "floor_one_thread_ms": floor_one_thread_ms,
-        **swiglu_ms,
-        "gb_per_s": {
-            "floor": expert_bytes / floor_ms / 1e6,
-            **{key[:-3]: expert_bytes / value / 1e6 for key, value in swiglu_ms.items()},
-        },
+        **median_ms,
+        "min_ms": {name: min(values) * 1e3 for name, values in seconds.items()},
+        "gb_per_s": {name[:-3]: expert_bytes / value / 1e6 for name, value in median_ms.items()},
         "ratio_to_floor": ratio_to_floor,
         "batch8_to_batch1": batch8_to_batch1,
         "ready_s": ready_s,

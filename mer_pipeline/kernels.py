@@ -6,32 +6,36 @@ row group. The hot loop is LLVM IR that `_make_tile_kernel` writes with llvmlite
 and numba inlines into the parallel drivers. A q4_0 step loads byte j of the 8
 rows, splits it into two nibble vectors, converts them to float32 and adds their
 products with x into one accumulator per (row, token) with explicit fused
-multiply-adds. No kernel holds more than one tile's weights in float32.
+multiply-adds. A kernel converts one tile's weights at a time and never dequantizes
+a whole matrix.
 
 Per (row, token) and 32-weight block, the q4_0 kernel computes, in this order,
 
     dot = 0
-    for j in 0..15:  dot = fma(nibble_lo[j], x[j], dot); dot = fma(nibble_hi[j], x[j + 16], dot)
+    for j in 0..15:
+        dot = fma(nibble_lo[j], x[j], dot)
+        dot = fma(nibble_hi[j], x[j + 16], dot)
     acc = fma(d, dot - 8 * sum(x[0..31]), acc)
 
 which is d * sum((nibble - 8) * x) up to rounding and saves subtracting 8 from
 every weight. The q8_0 kernel runs dot = fma(q[j], x[j], dot) for j in 0..31 and
-then acc = fma(d, dot, acc).
+then acc = fma(d, dot, acc). f32 matrices are row-major, so each row's dot product
+runs over 8 partial sums that a fixed tree adds at the end.
 
 A token's result has the same bits whatever the batch size, its position in the
 batch and the thread count, because:
 
-- threads split the output rows between them, never the reduction of one row;
-- every kernel variant (1, 2 or 4 tokens, 1, 2 or 4 row groups per pass) runs the
-  sequence above for each (row, token), with `llvm.fma` calls and no fast-math
-  flags, so LLVM can neither reorder the sums nor decide differently whether to
-  fuse a multiply and an add;
-- the block sums of x and the SiLU are computed per token by one scalar loop.
+- Threads split the output rows between them, never the reduction of one row.
+- Every kernel variant (1, 2 or 4 tokens, 1, 2 or 4 row groups per pass) runs the
+  sequence above for each (row, token). It calls `llvm.fma` and sets no fast-math
+  flags, so LLVM can neither reorder the sums nor fuse multiplies and adds
+  differently from one variant to another.
+- One scalar loop per token computes the block sums of x and the SiLU.
 
 NOTE: because q4_0 subtracts 8 * sum(x) after the fact, its rounding error scales
 with sum(|nibble * x|) rather than sum(|(nibble - 8) * x|). Blocks whose nibbles are
-nearly all 8 (weights near zero) with large x lose the most; tests cover an
-identity-like expert at about 1e-5 relative error, random weights at about 1e-6.
+nearly all 8 (weights near zero) lose the most. An identity-like expert with dense x
+comes to about 1e-5 relative error and random weights to about 1e-6 (see the tests).
 """
 
 from __future__ import annotations
@@ -115,18 +119,19 @@ def _tile_scales(builder, tile_ptr):
 def _make_tile_kernel(dtype: str, n_groups: int, n_tokens: int):
     """Build an intrinsic that computes `n_groups` row groups for `n_tokens` tokens.
 
-    The intrinsic's arguments (offsets count elements of their array; the arrays
-    must be C-contiguous):
+    Arguments of the intrinsic, with offsets counted in elements of their array
+    (all arrays C-contiguous):
 
-        w, w_off            packed matrix bytes; w_off is the first group's first tile
-        n_blocks            32-weight blocks per row, which is also tiles per row group
-        x, x_off            float32 activations; token t starts at x_off + t * x_stride
-        xsum, xsum_off      per-block sums of x (q4_0 only); token t at xsum_off + t * n_blocks
-        out, out_off        float32; row 8 * g + r of token t goes to
-                            out_off + t * out_stride + 8 * g + r
-        x_stride, out_stride
+    - w, w_off: the packed matrix bytes and the first tile of the first row group.
+    - n_blocks: 32-weight blocks per row, which is also the tile count of a row group.
+    - x, x_off: float32 activations. Token t starts at x_off + t * x_stride.
+    - xsum, xsum_off: block sums of x, read by q4_0 only. Token t starts at
+      xsum_off + t * n_blocks.
+    - out, out_off: float32 results. Row 8 * g + r of token t goes to
+      out_off + t * out_stride + 8 * g + r.
+    - x_stride, out_stride: elements between consecutive tokens.
 
-    Each (row, token) pair gets one accumulator chain, so every variant performs
+    Each (row, token) pair gets its own accumulator chain, so every variant runs
     the same operations in the same order for it.
     """
     tile_bytes = quant.TILE_BYTES[dtype]
@@ -184,7 +189,7 @@ def _make_tile_kernel(dtype: str, n_groups: int, n_tokens: int):
                 for t in range(n_tokens):
                     dot = dots[g][t]
                     if dtype == "q4_0":
-                        # The nibbles went in without their -8 offset; take off 8 * sum(x) here.
+                        # The nibbles went in without their offset of -8, so subtract 8 * sum(x) here.
                         x_total = builder.load(builder.gep(xsum_rows[t], [b]))
                         offset = builder.fmul(x_total, ir.Constant(_F32, 8.0))
                         dot = builder.fsub(dot, _splat(builder, offset))
@@ -210,9 +215,9 @@ def _make_tile_kernel(dtype: str, n_groups: int, n_tokens: int):
     return tile_kernel
 
 
-# Variants as (row groups, tokens) per pass. Measured single-threaded on a 2-core
-# AMD EPYC (Zen 1) VM: one token runs fastest with 4 row groups, which share each
-# broadcast of x, and 2 to 4 tokens with 2 row groups, which share each converted weight.
+# Variants as (row groups, tokens) per pass. On a 2-core AMD EPYC (Zen 1) VM, one
+# thread ran one token fastest with 4 row groups, which share each broadcast of x,
+# and 2 or 4 tokens with 2 row groups, which share each converted weight.
 _Q4_G4_T1 = _make_tile_kernel("q4_0", 4, 1)
 _Q4_G2_T2 = _make_tile_kernel("q4_0", 2, 2)
 _Q4_G2_T4 = _make_tile_kernel("q4_0", 2, 4)
@@ -228,10 +233,7 @@ _Q8_G1_T4 = _make_tile_kernel("q8_0", 1, 4)
 
 # Row groups that one parallel work item covers: the most that any variant takes.
 _GROUPS_PER_ITEM = 4
-# Work items per scheduling chunk. Threads take chunks as they finish the last one,
-# so a thread slowed down by other processes on its core holds up the others less
-# than with one equal share per thread.
-_CHUNK_ITEMS = 4
+
 
 
 # --- compiled drivers ----------------------------------------------------------------
@@ -254,7 +256,7 @@ def _block_sums(x, n_blocks):
 @njit(cache=True)
 def _run_tiles(code, n_groups, n_tokens, w, w_off, n_blocks, x, x_off, xsum, xsum_off, out,
                out_off):
-    """Call the tile kernel for (dtype code, row groups, tokens); see _make_tile_kernel."""
+    """Call the tile kernel variant for (dtype code, row groups, tokens), as _make_tile_kernel describes."""
     x_stride = x.shape[1]
     out_stride = out.shape[1]
     if code == _Q4_0:
@@ -296,7 +298,12 @@ def _rows_quantized(code, w, w_off, n_blocks, n_groups, item, x, xsum, out):
     t = 0
     while t < n_tokens:
         left = n_tokens - t
-        tokens = 4 if left >= 4 else (2 if left >= 2 else 1)
+        if left >= 4:
+            tokens = 4
+        elif left >= 2:
+            tokens = 2
+        else:
+            tokens = 1
         groups = 4 if tokens == 1 else 2
         g = 0
         while g < count:
@@ -351,6 +358,11 @@ def _items(rows):
     return -(-rows // (_GROUPS_PER_ITEM * LANES))
 
 
+# NOTE: prange gives each thread an equal share of the work items up front (numba's
+# OpenMP and workqueue layers), so a thread whose core is busy with another
+# process holds up the call.
+
+
 @njit(parallel=True, cache=True)
 def _matvec(code, w, cols, x, out):
     rows = out.shape[1]
@@ -374,6 +386,7 @@ def _swiglu(code, region, gate_off, up_off, down_off, d_model, d_ff, x, out):
             for i in range(rows_per_item * item, min(rows_per_item * (item + 1), d_ff)):
                 g = gate[t, i]
                 gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
     hsum = _block_sums(gate, d_ff // BLOCK if quantized else 0)
     for item in prange(_items(d_model)):
         _rows(code, region, down_off, d_model, d_ff, item, gate, hsum, out)
@@ -418,11 +431,7 @@ def matvec(packed, rows: int, cols: int, dtype: str, x) -> np.ndarray:
         )
     tokens, single = _as_tokens(x, cols, "x")
     out = np.empty((tokens.shape[0], quant.padded_rows(rows, dtype)), np.float32)
-    previous_chunksize = numba.set_parallel_chunksize(_CHUNK_ITEMS)
-    try:
-        _matvec(_DTYPE_CODES[dtype], weights, cols, tokens, out)
-    finally:
-        numba.set_parallel_chunksize(previous_chunksize)
+    _matvec(_DTYPE_CODES[dtype], weights, cols, tokens, out)
     result = out[:, :rows] if out.shape[1] != rows else out
     return result[0].copy() if single else np.ascontiguousarray(result)
 
@@ -440,12 +449,8 @@ def swiglu(region, layout: quant.ExpertLayout, x) -> np.ndarray:
         )
     tokens, single = _as_tokens(x, layout.d_model, "x")
     out = np.empty((tokens.shape[0], layout.d_model), np.float32)
-    previous_chunksize = numba.set_parallel_chunksize(_CHUNK_ITEMS)
-    try:
-        _swiglu(_DTYPE_CODES[layout.dtype], weights, layout.gate.offset, layout.up.offset,
-                layout.down.offset, layout.d_model, layout.d_ff, tokens, out)
-    finally:
-        numba.set_parallel_chunksize(previous_chunksize)
+    _swiglu(_DTYPE_CODES[layout.dtype], weights, layout.gate.offset, layout.up.offset,
+            layout.down.offset, layout.d_model, layout.d_ff, tokens, out)
     return out[0].copy() if single else out
 
 

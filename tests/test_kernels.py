@@ -1,8 +1,8 @@
-"""Kernels against a float64 reference, hand-computed answers, and their own bits.
+"""Kernels against a float64 reference, hand-computed results, and their own bits.
 
 The reference dequantizes with gguf.quants (not with the store layout) and
 computes in float64 numpy. The first run compiles the kernels, which takes a
-minute or more; numba caches them on disk for later runs.
+minute or more, and numba caches them on disk for later runs.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def expert(d_model: int, d_ff: int, dtype: str) -> tuple[quant.ExpertLayout, np.
         packed, weights = packed_matrix(section.rows, section.cols, dtype, seed)
         region[section.offset:section.offset + section.nbytes] = packed
         reference[section.name] = weights
-    region.flags.writeable = False  # cached between tests, so nobody may change it
+    region.flags.writeable = False  # cached and shared between tests, so read-only
     return layout, region, reference
 
 
@@ -136,12 +136,12 @@ def test_matvec_matches_reference(dtype, rows, cols):
         assert relative_error(result, x.astype(np.float64) @ weights.T) < MAX_RELATIVE_ERROR
 
 
-# --- known answers ------------------------------------------------------------------
+# --- known results ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
 def test_matvec_known_answer(dtype):
-    # Row r holds weight (r - 3) in column r and 1 in column 32 + r; scale 1.
+    # Row r has weight (r - 3) in column r and 1 in column 32 + r, with scale 1.
     weights = np.zeros((5, 64))
     for r in range(5):
         weights[r, r] = r - 3
