@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Generation:
     prompt_ids: list[int]
     generated_ids: list[int]
-    # float32 [prompt + generated - 1, vocab]: row i is the logits at position i; the logits
+    # float32 [prompt + generated - 1, vocab], row i the logits at position i. The logits
     # that chose generated token j are row len(prompt_ids) - 1 + j.
     logits: np.ndarray
     stop_reason: str
@@ -146,6 +146,7 @@ def _phase(before: _Snapshot, after: _Snapshot, tokens: int) -> dict[str, Any]:
     lookups = _delta(io_a, io_b, "lookups")
     hits = _delta(io_a, io_b, "hits")
     read_bytes = _delta(io_a, io_b, "io_bytes")
+
     lease_wait_us = _delta(workers_a, workers_b, "lease_wait_us")
     compute_us = _delta(workers_a, workers_b, "compute_us")
     busy_us = lease_wait_us + compute_us

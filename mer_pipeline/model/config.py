@@ -75,12 +75,14 @@ def model_config(store: Store) -> ModelConfig:
             f"store {where}: architecture {architecture!r} is not supported; "
             f"the runtime runs {', '.join(SUPPORTED_ARCHITECTURES)} (Mixtral) models"
         )
+
     naming = dense.get("naming")
     if naming not in ("gguf", "hf"):
         raise ModelError(f"store {where}: dense tensor naming {naming!r} is not one of gguf, hf")
     for key in ("vocab_size", "n_heads"):
         if not model.get(key):
             raise ModelError(f"store {where}: the model config has no {key}; the runtime needs it")
+
     n_heads = int(model["n_heads"])
     n_kv_heads = int(model.get("n_kv_heads") or n_heads)
     head_dim = int(model.get("head_dim") or model["d_model"] // n_heads)

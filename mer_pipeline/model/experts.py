@@ -92,8 +92,8 @@ class PipelineExperts(ExpertBackend):
 
     Every request of a layer is sent before any reply is awaited, so the daemon can give
     them to all its workers at once. A request is sent again when the compute daemon
-    restarts (its pid changes) or answers with a retryable failure, as
-    stream.resumable_request does for one request; expert requests are pure functions of
+    restarts (its pid changes) or replies with a retryable failure, as
+    stream.resumable_request does for one request. Expert requests are pure functions of
     their inputs, so a second computation gives the same bits.
     """
 
@@ -136,7 +136,7 @@ class PipelineExperts(ExpertBackend):
             self.counters["hints"] += 1
 
     def run(self, layer: int, work: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
-        # (index in work, first row) of each request id
+        # request id -> (index in work, first row, request)
         pending: dict[int, tuple[int, int, wire.ExpertRequest]] = {}
         outputs = [np.empty((x.shape[0], self.d_model), np.float32) for _, x in work]
         for index, (expert, x) in enumerate(work):
@@ -166,7 +166,7 @@ class PipelineExperts(ExpertBackend):
                 continue
             entry = pending.get(getattr(reply, "request_id", None))
             if entry is None:
-                continue  # a late reply to a request already answered
+                continue  # a late reply to a request that already has its result
             index, start, request = entry
             if isinstance(reply, wire.RequestFailed):
                 if reply.retryable and attempts[request.request_id] < MAX_ATTEMPTS:

@@ -3,7 +3,7 @@
 The tensors follow llama.cpp's names and types for a Mixtral Q4_0 file: the embedding,
 attention and output matrices in the store's dtype (q4_0, q8_0 or f32), the norms and
 routers in F32. Matrices are normal with std 1/sqrt(row length), the scale of a freshly
-initialised linear layer; norm weights are 1 + N(0, 0.02), so RMSNorm keeps unit scale.
+initialised linear layer. Norm weights are 1 + N(0, 0.02), so RMSNorm keeps unit scale.
 Every tensor is drawn from numpy's PCG64 seeded with (seed, tensor index), so a seed
 gives the same file.
 """

@@ -11,7 +11,7 @@ All activations are float32. Per layer, for the tokens of one chunk at positions
 
 A chunk's tokens are grouped by expert, so each expert is requested once per layer per
 chunk, with every row routed to it. Each token's expert outputs are added in rank order
-(highest probability first), so the result does not depend on which expert answered first.
+(highest probability first), so the result does not depend on the order in which the expert results arrive.
 """
 
 from __future__ import annotations
@@ -91,9 +91,11 @@ class KVCache:
 
 @dataclasses.dataclass
 class LookaheadStats:
-    """Precision and recall of the lookahead guess at each distance d: layer l+d's router
-    applied to the residual stream entering layer l's MoE block, against the experts that
-    layer l+d then really picked (sets of experts per layer step of a chunk)."""
+    """Precision and recall of the lookahead guess at each distance d.
+
+    The guess is layer l+d's router applied to the residual stream entering layer l's MoE
+    block. It is compared with the experts that layer l+d then picks, as sets of experts
+    per layer step of a chunk."""
 
     predicted: np.ndarray  # [distance] experts guessed
     actual: np.ndarray     # [distance] experts used at the guessed layers
@@ -118,8 +120,9 @@ class MixtralModel:
     """A Mixtral model whose dense weights live in this process and whose experts run in a backend.
 
     `lookahead` is the farthest distance, in layers, for which the model sends prefetch
-    hints from later layers' routers; "auto" hints each distance whose measured precision
-    so far is at least `min_precision` (distance 1 until measurements exist); 0 sends none.
+    hints from later layers' routers, and 0 sends none. With "auto" the model hints each
+    distance whose measured precision so far is at least `min_precision`. Before any
+    measurement exists it hints distance 1 only.
     """
 
     def __init__(self, config: ModelConfig, weights: DenseWeights, experts: ExpertBackend, *,
@@ -201,7 +204,7 @@ class MixtralModel:
         q = q.transpose(1, 0, 2).reshape(c.n_kv_heads, c.group_size * n, c.head_dim)
         scores = np.matmul(q, keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(c.head_dim))
         scores = scores.reshape(c.n_kv_heads, c.group_size, n, end)
-        # Causal mask: the token at position first + i sees positions 0..first + i.
+        # Causal mask: the token at position first + i attends to positions 0..first + i.
         future = np.arange(end)[None, :] > (first + np.arange(n))[:, None]
         scores = np.where(future, np.float32(-np.inf), scores)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))

@@ -1,9 +1,9 @@
 """The dense (non-expert) weights of a Mixtral model, loaded from a store's dense.gguf.
 
 GGUFReader memory-maps the file. q4_0 and q8_0 matrices are packed once into the kernel
-layout (quant.pack_ggml) and multiplied by kernels.matvec; float matrices (F32, F16,
-BF16, F64) and other GGML block types (such as the Q6_K output head of a llama.cpp Q4_0
-file) become float32 arrays at load time and are multiplied with numpy.
+layout (quant.pack_ggml) and multiplied by kernels.matvec. Float matrices (F32, F16,
+BF16, F64) and other GGML block types, such as the Q6_K output head of a llama.cpp Q4_0
+file, become float32 arrays at load time and are multiplied with numpy.
 
 llama.cpp's converter permutes the rows of attn_q and attn_k within each head so that
 GGML's rotary embedding, which rotates adjacent pairs (x[2i], x[2i+1]), matches the
