@@ -440,6 +440,21 @@ def _request_stop(launcher: Launcher) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def start_metrics(launcher: Launcher, port: int):
+    """Serve Prometheus metrics for the started pipeline; return the HTTP server."""
+    from mer_pipeline.observe.metrics import serve_metrics
+
+    def daemon_states() -> dict[str, tuple[str, int]]:
+        return {name: (d.supervised.state.value, d.supervised.restarts) for name, d in list(launcher.daemons.items())}
+
+    try:
+        server, _ = serve_metrics(port, launcher.info, daemon_states)
+    except OSError as exc:
+        raise LaunchError(f"cannot serve metrics on 127.0.0.1:{port} ({exc}); choose another --metrics-port") from exc
+    print(f"mer-launch: metrics at http://127.0.0.1:{server.server_port}/metrics", flush=True)
+    return server
+
+
 app = typer.Typer(add_completion=False, help="Start a MER pipeline and supervise it until SIGINT/SIGTERM.")
 
 
@@ -457,6 +472,7 @@ def launch(
     socket_dir: Optional[str] = typer.Option(None, help="directory for sockets, state and logs"),
     name: Optional[str] = typer.Option(None, help="pipeline name (default: the topology's)"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR"),
+    metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on 127.0.0.1:PORT (0: a free port); off when absent"),
 ) -> None:
     overrides = {
         "store": store, "pool.slots": slots, "pool.memory_gib": memory_gib, "predictor.kind": predictor,
@@ -472,14 +488,20 @@ def launch(
     launcher = Launcher(config)
     _request_stop(launcher)
     code = 0
+    metrics_server = None
     try:
         launcher.start()
+        if metrics_port is not None:
+            metrics_server = start_metrics(launcher, metrics_port)
         print(f"mer-launch: pipeline {config.name!r} ready, socket dir {launcher.socket_dir}", flush=True)
         code = launcher.supervise()
     except (LaunchError, topology.TopologyError, ConfigError) as exc:
         typer.echo(f"mer-launch: {exc}", err=True)
         code = 2
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         launcher.stop()
     raise typer.Exit(code)
 

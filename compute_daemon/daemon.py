@@ -28,6 +28,7 @@ import zmq
 
 from mer_pipeline import wire
 from mer_pipeline.histograms import StageHistograms
+from mer_pipeline.observe.spans import SpanRecorder
 from mer_pipeline.runtime import (
     COMPUTE_SOCKET,
     PREDICTOR_SOCKET,
@@ -61,6 +62,7 @@ class Job:
     client: bytes
     request: wire.TokenRequest | wire.ExpertRequest
     received_s: float
+    received_ns: int = dataclasses.field(default_factory=time.monotonic_ns)
     hidden: np.ndarray | None = None
     step: int = 0
     step_started_s: float = 0.0
@@ -99,6 +101,8 @@ class StatsGather:
     waiting: set[bytes]
     deadline_s: float
     replies: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # Set for a SpansRequest: the gather collects spans instead of stats.
+    spans_since_ns: int | None = None
 
 
 class ComputeDaemon:
@@ -125,6 +129,7 @@ class ComputeDaemon:
         self.next_task_id = 1
         self.next_gather_id = 1
         self.histograms = StageHistograms()
+        self.spans = SpanRecorder("compute")
         self.counters = collections.Counter()
         self.warn = RateLimitedWarning(log)
         self.running = True
@@ -141,13 +146,15 @@ class ComputeDaemon:
     def on_client(self, client: bytes, frame: bytes) -> None:
         try:
             message = wire.decode(
-                frame, (wire.TokenRequest, wire.ExpertRequest, wire.StatsRequest, wire.Shutdown)
+                frame, (wire.TokenRequest, wire.ExpertRequest, wire.StatsRequest, wire.SpansRequest, wire.Shutdown)
             )
         except wire.WireError as exc:
             self._reject(client, frame, exc)
             return
         if isinstance(message, wire.StatsRequest):
             self.start_stats_gather(client, message.request_id)
+        elif isinstance(message, wire.SpansRequest):
+            self.start_stats_gather(client, message.request_id, spans_since_ns=message.since_ns)
         elif isinstance(message, wire.Shutdown):
             log.info("compute_daemon stop reason=shutdown_request")
             self.running = False
@@ -242,6 +249,9 @@ class ComputeDaemon:
         request = job.request
         cycle_us = int((time.perf_counter() - job.received_s) * 1e6)
         self.histograms.record_us("token", cycle_us)
+        self.spans.record(
+            "token", job.received_ns, time.monotonic_ns(), token=request.token, request_id=request.request_id, layer_steps=job.step
+        )
         self.counters["tokens"] += 1
         reply = wire.TokenResult(request.request_id, wire.array_to_bytes(job.hidden), cycle_us, job.io_wait_us, job.compute_us)
         self._send_client(job.client, reply)
@@ -250,13 +260,13 @@ class ComputeDaemon:
 
     def on_worker(self, name: bytes, frame: bytes) -> None:
         try:
-            message = wire.decode(frame, (wire.WorkerReady, wire.TaskResult, wire.TaskFailed, wire.StatsReply))
+            message = wire.decode(frame, (wire.WorkerReady, wire.TaskResult, wire.TaskFailed, wire.StatsReply, wire.SpansReply))
         except wire.WireError as exc:
             self._reject(name, frame, exc)
             return
         if isinstance(message, wire.WorkerReady):
             self.on_worker_ready(name, message)
-        elif isinstance(message, wire.StatsReply):
+        elif isinstance(message, (wire.StatsReply, wire.SpansReply)):
             self.on_worker_stats(name, message)
         else:
             self.on_task_done(name, message)
@@ -371,24 +381,32 @@ class ComputeDaemon:
 
     # --- stats ------------------------------------------------------------------------
 
-    def start_stats_gather(self, client: bytes, request_id: int) -> None:
+    def start_stats_gather(self, client: bytes, request_id: int, spans_since_ns: int | None = None) -> None:
         gather_id = self.next_gather_id
         self.next_gather_id += 1
         gather = StatsGather(client, request_id, set(self.workers), time.monotonic() + STATS_GATHER_TIMEOUT_S)
+        gather.spans_since_ns = spans_since_ns
         self.gathers[gather_id] = gather
+        if spans_since_ns is None:
+            request: wire.Message = wire.StatsRequest(gather_id)
+        else:
+            request = wire.SpansRequest(gather_id, spans_since_ns)
         for name in list(gather.waiting):
             try:
-                self.tasks_socket.send_multipart([name, wire.StatsRequest(gather_id).encode()])
+                self.tasks_socket.send_multipart([name, request.encode()])
             except zmq.ZMQError:
                 gather.waiting.discard(name)
         self.finish_gathers()
 
-    def on_worker_stats(self, name: bytes, reply: wire.StatsReply) -> None:
+    def on_worker_stats(self, name: bytes, reply: wire.StatsReply | wire.SpansReply) -> None:
         gather = self.gathers.get(reply.request_id)
-        if gather is None:
+        if gather is None or isinstance(reply, wire.SpansReply) != (gather.spans_since_ns is not None):
             return
         gather.waiting.discard(name)
-        gather.replies[reply.daemon] = {"counters": reply.counters, "histograms": reply.histograms}
+        if isinstance(reply, wire.SpansReply):
+            gather.replies.update(reply.processes)
+        else:
+            gather.replies[reply.daemon] = {"counters": reply.counters, "histograms": reply.histograms}
         self.finish_gathers()
 
     def finish_gathers(self) -> None:
@@ -397,6 +415,10 @@ class ComputeDaemon:
             if gather.waiting and now < gather.deadline_s:
                 continue
             del self.gathers[gather_id]
+            if gather.spans_since_ns is not None:
+                processes = {"compute": self.spans.payload(gather.spans_since_ns), **gather.replies}
+                self._send_client(gather.client, wire.SpansReply(gather.request_id, processes))
+                continue
             counters = dict(self.counters)
             counters["workers_ready"] = len(self.workers)
             counters["workers_missing_stats"] = len(gather.waiting)

@@ -10,6 +10,7 @@ It serves, on a ROUTER socket at SOCKET_DIR/io.sock:
     ReclaimLeases drops every lease of a dead worker (no reply)
     StatsRequest  -> StatsReply with counters and the io_queue, io_device and slot_ready
                      histograms
+    SpansRequest  -> SpansReply with the last spans: one "read" span per expert read
     Shutdown      stops the daemon (no reply)
 
 At most one read per expert is in flight. Requests for an expert that is being read
@@ -34,12 +35,15 @@ from mer_pipeline import runtime, wire
 from mer_pipeline.eviction import EvictionPolicy, make_policy
 from mer_pipeline.expert_reader import DEMAND, PREFETCH, ExpertRead, ExpertReader
 from mer_pipeline.histograms import StageHistograms
+from mer_pipeline.observe.spans import SpanRecorder
 from mer_pipeline.slot_pool import EMPTY, LOADING, MAX_WORKERS, READY, SlotPool, SlotStateError
 from mer_pipeline.store import Store, checksum_bytes, open_store
 
 log = logging.getLogger(__name__)
 
-ACCEPTED = (wire.LeaseRequest, wire.Release, wire.PrefetchHint, wire.ReclaimLeases, wire.StatsRequest, wire.Shutdown)
+ACCEPTED = (
+    wire.LeaseRequest, wire.Release, wire.PrefetchHint, wire.ReclaimLeases, wire.StatsRequest, wire.SpansRequest, wire.Shutdown
+)
 # Messages handled per loop turn before completions are reaped again.
 MAX_MESSAGES_PER_TURN = 256
 POLL_INTERVAL_MS = 500
@@ -87,6 +91,8 @@ class Load:
     read: ExpertRead
     waiters: list[Waiter]
     prefetch: bool
+    # When the hint that started this read arrived (monotonic ns); 0 for a demand read.
+    hint_ns: int = 0
 
 
 class IoDaemon:
@@ -106,6 +112,7 @@ class IoDaemon:
         self.policy: EvictionPolicy = make_policy(self.config.io.eviction, shape.n_layers, shape.n_experts)
         self.reader = ExpertReader(self.config.io, _data_paths(self.store))
         self.histograms = StageHistograms()
+        self.spans = SpanRecorder("io")
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.pinned_experts = set(self.config.pool.pinned)
         self.slot_of: dict[int, int] = {}
@@ -234,6 +241,8 @@ class IoDaemon:
             self._on_reclaim(message)
         elif isinstance(message, wire.StatsRequest):
             self._send(envelope, self.stats_reply(message.request_id))
+        elif isinstance(message, wire.SpansRequest):
+            self._send(envelope, self.spans.reply(message))
         elif isinstance(message, wire.Shutdown):
             log.info("shutdown requested request_id=%d", message.request_id)
             self.stopping = True
@@ -422,6 +431,17 @@ class IoDaemon:
         slot = load.slot
         self.histograms.record_us("io_queue", (read.submitted_ns - read.queued_ns) / 1000)
         self.histograms.record_us("io_device", (read.completed_ns - read.submitted_ns) / 1000)
+        self.spans.record(
+            "read",
+            read.queued_ns,
+            max(read.completed_ns, read.queued_ns),
+            expert=expert,
+            slot=slot,
+            bytes=read.length,
+            hint_ns=load.hint_ns,
+            demands=[[waiter.worker, waiter.request_id] for waiter in load.waiters],
+            error=read.error or "",
+        )
         error = read.error
         if error is not None:
             self.counters["read_errors"] += 1
@@ -481,6 +501,7 @@ class IoDaemon:
             return
         self.counters["prefetch_issued"] += 1
         self._start_load(hint.expert, slot, PREFETCH, [])
+        self.loads[hint.expert].hint_ns = time.monotonic_ns()
 
     # --- stats and stop ------------------------------------------------------------
 

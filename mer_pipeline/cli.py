@@ -19,6 +19,7 @@ from mer_pipeline.cli_store import app as store_app
 from mer_pipeline.client import DaemonClient, DaemonTimeout
 from mer_pipeline.config import ConfigError, load_config
 from mer_pipeline.histograms import STAGES, merge_encoded, summarize_all
+from mer_pipeline.observe import commands as observe
 from mer_pipeline.runtime import LAUNCHER_SOCKET
 from mer_pipeline.store import open_store
 from mer_pipeline.stream import StreamError, collect_stats, load_pipeline, stream_trace
@@ -32,6 +33,7 @@ app.add_typer(bench_app, name="bench")
 ctl_app = typer.Typer(no_args_is_help=True, help="Control a running pipeline.")
 app.add_typer(ctl_app, name="ctl")
 app.command()(generate)
+app.command("trace-stats")(observe.trace_stats_command)
 console = Console()
 
 
@@ -86,10 +88,12 @@ def stream(
     tokens: Optional[int] = typer.Option(None, help="replay only the first N tokens"),
     seed: int = typer.Option(0, help="seed of the random starting states when --inputs is not given"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    trace_out: Optional[Path] = typer.Option(None, help="write the run's timeline here as Chrome trace JSON (Perfetto, chrome://tracing)"),
     topology: str = typer.Option("numa0", help="find the running pipeline by its topology"),
     socket_dir: Optional[str] = typer.Option(None, help="find the running pipeline by its socket directory"),
 ) -> None:
     """Replay a routing trace through the running pipeline."""
+    started_ns = observe.start_clock()
     try:
         info = load_pipeline(_socket_dir(topology, socket_dir))
         shape = open_store(info.store).shape
@@ -99,6 +103,8 @@ def stream(
             routing = load_trace(trace or BUNDLED_TRACE, n_layers=shape.n_layers, n_experts=shape.n_experts)
         starts = np.load(inputs) if inputs else None
         outputs, summary = stream_trace(info, routing, starts, tokens, seed, progress=not as_json)
+        if trace_out:
+            observe.write_timeline(info, trace_out, started_ns, quiet=as_json)
     except (StreamError, TraceError, DaemonTimeout, wire.WireError, OSError, ValueError) as exc:
         raise _fail(str(exc))
     if out:
@@ -112,12 +118,18 @@ def stream(
 @app.command()
 def stats(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    watch: bool = typer.Option(False, "--watch", help="show a live view refreshed every second, until Ctrl-C or --duration-s"),
+    duration_s: Optional[float] = typer.Option(None, help="with --watch: stop after this many seconds"),
+    plot: Optional[Path] = typer.Option(None, help="also draw stage latency distributions and hit rate over time to this image file (needs the plot extra)"),
     topology: str = typer.Option("numa0", help="find the running pipeline by its topology"),
     socket_dir: Optional[str] = typer.Option(None, help="find the running pipeline by its socket directory"),
 ) -> None:
     """Print each stage's count, p50, p95, p99 and max for the running pipeline."""
     try:
         info = load_pipeline(_socket_dir(topology, socket_dir))
+        if watch:
+            observe.watch_view(info, duration_s, console)
+            return
         collected = collect_stats(info)
     except (StreamError, DaemonTimeout, wire.WireError) as exc:
         raise _fail(str(exc))
@@ -128,6 +140,8 @@ def stats(
     counters["workers"] = {name: w["counters"] for name, w in collected.compute.counters.get("workers", {}).items()}
     if collected.predictor is not None:
         counters["predictor"] = collected.predictor.counters
+    if plot:
+        observe.write_stats_plot(info, collected, plot, Console(stderr=True))
     if as_json:
         print(json.dumps({"stages": stages, "stage_descriptions": STAGES, "counters": counters}, indent=1))
         return

@@ -12,10 +12,12 @@ import collections
 import logging
 import os
 import signal
+import time
 
 import zmq
 
 from mer_pipeline import wire
+from mer_pipeline.observe.spans import SpanRecorder
 from mer_pipeline.predictor import make_predictor
 from mer_pipeline.runtime import (
     IO_SOCKET,
@@ -52,6 +54,7 @@ class PredictorDaemon:
         self.io.setsockopt(zmq.IDENTITY, f"predictor:{os.getpid()}".encode())
         self.io.connect(info.endpoint(IO_SOCKET))
         self.counters = collections.Counter()
+        self.spans = SpanRecorder("predictor")
         self.warn = RateLimitedWarning(log)
 
     def on_observation(self, observation: wire.Observation) -> None:
@@ -61,6 +64,7 @@ class PredictorDaemon:
             self.counters["rejected_messages"] += 1
             self.warn.warning("observation", "observation rejected layer=%d experts=%s error=out of range", layer, experts[:8])
             return
+        start_ns = time.monotonic_ns()
         self.counters["observations"] += 1
         self.predictor.observe(observation.token, observation.layer, observation.experts)
         hints = self.predictor.predict(
@@ -72,6 +76,10 @@ class PredictorDaemon:
                 self.counters["hints_sent"] += 1
             except zmq.Again:
                 self.counters["hints_dropped"] += 1
+        # The hints are sent by the end of this span; the timeline links each to its read.
+        self.spans.record(
+            "predict", start_ns, time.monotonic_ns(), token=observation.token, layer=layer, hints=[h.expert for h in hints]
+        )
 
     def serve(self) -> None:
         log.info("predictor ready kind=%s lookahead_layers=%d pid=%d", self.config.kind, self.config.lookahead_layers, os.getpid())
@@ -85,7 +93,7 @@ class PredictorDaemon:
             # PUSH peers send one frame after the identity; ROUTER/DEALER peers too.
             sender, frame = parts[0], parts[-1]
             try:
-                message = wire.decode(frame, (wire.Observation, wire.StatsRequest, wire.Shutdown))
+                message = wire.decode(frame, (wire.Observation, wire.StatsRequest, wire.SpansRequest, wire.Shutdown))
             except wire.WireError as exc:
                 self.counters["rejected_messages"] += 1
                 self.warn.warning("message", "message rejected error=%s", exc)
@@ -96,6 +104,8 @@ class PredictorDaemon:
                 counters = dict(self.counters)
                 counters["kind"] = self.config.kind
                 self.inbox.send_multipart([sender, wire.StatsReply(message.request_id, "predictor", counters, {}).encode()])
+            elif isinstance(message, wire.SpansRequest):
+                self.inbox.send_multipart([sender, self.spans.reply(message).encode()])
             else:
                 log.info("predictor stop reason=shutdown_request observations=%d", self.counters["observations"])
                 return

@@ -307,6 +307,26 @@ class StatsReply(Message):
 
 
 @dataclasses.dataclass
+class SpansRequest(Message):
+    """Ask for the spans a daemon recorded that end at or after `since_ns` (CLOCK_MONOTONIC)."""
+
+    TYPE: ClassVar[str] = "spans"
+    request_id: int
+    since_ns: int
+
+
+@dataclasses.dataclass
+class SpansReply(Message):
+    """Spans of one or more processes: {process: {pid, capacity, dropped, spans}}, with each
+    span a [name, start_ns, end_ns, args] list; mer_pipeline.observe.spans checks the layout.
+    The compute daemon's reply includes its workers."""
+
+    TYPE: ClassVar[str] = "spans_reply"
+    request_id: int
+    processes: dict[str, Any]
+
+
+@dataclasses.dataclass
 class Shutdown(Message):
     TYPE: ClassVar[str] = "shutdown"
     request_id: int

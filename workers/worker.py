@@ -19,6 +19,7 @@ import zmq
 
 from mer_pipeline import wire
 from mer_pipeline.histograms import StageHistograms
+from mer_pipeline.observe.spans import SpanRecorder
 from mer_pipeline.runtime import (
     IO_SOCKET,
     TASKS_SOCKET,
@@ -61,6 +62,7 @@ class Worker:
         self.io.setsockopt(zmq.LINGER, 0)
         self.io.connect(info.endpoint(IO_SOCKET))
         self.histograms = StageHistograms()
+        self.spans = SpanRecorder(f"worker:{index}")
         self.counters = {"tasks": 0, "task_errors": 0, "hits": 0, "misses": 0, "lease_wait_us": 0, "compute_us": 0, "lease_retries": 0}
         self.next_request_id = 1
         self.running = True
@@ -114,6 +116,7 @@ class Worker:
         return request_id
 
     def run_task(self, task: wire.Task) -> wire.Message:
+        start_ns = time.monotonic_ns()
         start = time.perf_counter()
         try:
             grant = self.lease(task.expert)
@@ -122,12 +125,17 @@ class Worker:
             log.error("lease failed task=%d expert=%d error=%s", task.task_id, task.expert, exc)
             return wire.TaskFailed(task.task_id, self.index, str(exc))
         leased = time.perf_counter()
+        leased_ns = time.monotonic_ns()
         try:
             x = wire.bytes_to_array(task.x, task.rows, self.layout.d_model, "task.x")
             y = self.kernels.swiglu(self.pool.slot_view(grant.slot), self.layout, x)
         finally:
             self.io.send(wire.Release(self.index, grant.slot, grant.generation).encode())
         done = time.perf_counter()
+        self.spans.record(
+            "lease_wait", start_ns, leased_ns, task=task.task_id, expert=task.expert, request_id=grant.request_id, hit=grant.hit
+        )
+        self.spans.record("kernel", leased_ns, time.monotonic_ns(), task=task.task_id, expert=task.expert, rows=task.rows)
         lease_wait_us = int((leased - start) * 1e6)
         compute_us = int((done - leased) * 1e6)
         self.histograms.record_us("lease_wait", lease_wait_us)
@@ -161,7 +169,7 @@ class Worker:
             last_sent_s = time.monotonic()
             frame = self.tasks.recv()
             try:
-                message = wire.decode(frame, (wire.Task, wire.StatsRequest, wire.Shutdown))
+                message = wire.decode(frame, (wire.Task, wire.StatsRequest, wire.SpansRequest, wire.Shutdown))
             except wire.WireError as exc:
                 log.warning("rejected message on tasks socket error=%s", exc)
                 continue
@@ -169,6 +177,8 @@ class Worker:
                 self.tasks.send(self.run_task(message).encode())
             elif isinstance(message, wire.StatsRequest):
                 self.tasks.send(self.stats(message.request_id).encode())
+            elif isinstance(message, wire.SpansRequest):
+                self.tasks.send(self.spans.reply(message).encode())
             else:
                 log.info("worker stop index=%d reason=shutdown tasks=%d", self.index, self.counters["tasks"])
                 return
