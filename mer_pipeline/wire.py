@@ -308,7 +308,7 @@ class StatsReply(Message):
 
 @dataclasses.dataclass
 class SpansRequest(Message):
-    """Ask for the spans a daemon recorded that end at or after `since_ns` (CLOCK_MONOTONIC)."""
+    """A request for the spans a daemon recorded that end at or after `since_ns` (CLOCK_MONOTONIC)."""
 
     TYPE: ClassVar[str] = "spans"
     request_id: int
