@@ -2,7 +2,7 @@
 
 Start order: I/O daemon, predictor, compute daemon, workers; each must report ready
 within runtime.ready_timeout_s. The launcher stays in the foreground, restarts a daemon
-that exits unexpectedly (see mer_pipeline/supervisor.py), answers `mer ctl` on
+that exits unexpectedly (see mer_pipeline/supervisor.py), serves `mer ctl` on
 launcher.sock, and on SIGINT/SIGTERM stops every daemon and removes the shared-memory
 segments and sockets it made. Daemon logs go to SOCKET_DIR/logs/NAME.log.
 """

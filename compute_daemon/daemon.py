@@ -117,6 +117,9 @@ class ComputeDaemon:
         self.context = zmq.Context()
         self.clients = self._bind(zmq.ROUTER, COMPUTE_SOCKET)
         self.tasks_socket = self._bind(zmq.ROUTER, TASKS_SOCKET)
+        # A restarted worker reconnects under its old name before the dead connection
+        # is gone; handover routes that name to the new connection.
+        self.tasks_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.predictor = self.context.socket(zmq.DEALER)
         self.predictor.setsockopt(zmq.LINGER, 0)
         self.predictor.setsockopt(zmq.SNDHWM, 1000)

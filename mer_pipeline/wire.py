@@ -118,7 +118,7 @@ def bytes_to_array(data: bytes, rows: int, cols: int, where: str) -> np.ndarray:
 
 @dataclasses.dataclass
 class LeaseRequest(Message):
-    """A worker asks for a read-only lease on the slot holding `expert`."""
+    """A worker requests a read-only lease on the slot holding `expert`."""
 
     TYPE: ClassVar[str] = "lease"
     request_id: int
@@ -157,7 +157,7 @@ class Release(Message):
 
 @dataclasses.dataclass
 class PrefetchHint(Message):
-    """The predictor asks the I/O daemon to load `expert` before it is needed; no reply.
+    """The predictor requests that the I/O daemon load `expert` before it is needed; no reply.
 
     `steps_ahead` is how many layer steps from now the expert is expected to be used.
     """
@@ -226,7 +226,7 @@ class ExpertResult(Message):
 
 @dataclasses.dataclass
 class RequestFailed(Message):
-    """Any request that could not complete; `retryable` says whether sending it again may work."""
+    """A request that could not complete. `retryable` is true when sending it again may work."""
 
     TYPE: ClassVar[str] = "failed"
     request_id: int
@@ -286,7 +286,7 @@ class Observation(Message):
     experts: list[int]
 
 
-# --- control (every daemon's main socket answers these) ------------------------------
+# --- control (every daemon's main socket serves these) -------------------------------
 
 
 @dataclasses.dataclass

@@ -151,6 +151,11 @@ class Worker:
     def stats(self, request_id: int) -> wire.StatsReply:
         return wire.StatsReply(request_id, f"worker:{self.index}", dict(self.counters), self.histograms.encode())
 
+    def request_stop(self, signum: int, frame: object) -> None:
+        """Stop after the task in hand (SIGTERM): a graceful restart loses no work."""
+        log.info("worker stop requested index=%d signal=%d", self.index, signum)
+        self.running = False
+
     def serve(self) -> None:
         self.tasks.send(wire.WorkerReady(self.index, os.getpid()).encode())
         log.info("worker ready index=%d pid=%d cpus=%s", self.index, os.getpid(), sorted(os.sched_getaffinity(0)))
@@ -190,10 +195,6 @@ class Worker:
         self.pool.close()
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workers", description="MER compute worker")
     parser.add_argument("--pipeline", required=True, help="path of the pipeline.json the launcher wrote")
@@ -203,10 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     info = PipelineInfo.load(args.pipeline)
     setup_logging(f"worker:{args.index}", info.config.runtime.log_level)
     exit_with_parent()
-    signal.signal(signal.SIGTERM, _exit_on_signal)
     pin_cpus(info.worker_cpus[args.index], f"worker:{args.index}")
     os.environ["NUMBA_NUM_THREADS"] = "1"
     worker = Worker(info, args.index)
+    signal.signal(signal.SIGTERM, worker.request_stop)
     worker.kernels.set_num_threads(1)
     worker.kernels.warmup()
     try:
