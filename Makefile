@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	@echo "compiling the kernels (numba caches them; the first time takes a minute or two)"
+	$(VENV)/bin/python -c "from mer_pipeline.kernels import warmup; warmup()"
 	touch $(STAMP)
 
 run: $(STAMP)

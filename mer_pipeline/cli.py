@@ -34,7 +34,7 @@ ctl_app = typer.Typer(no_args_is_help=True, help="Control a running pipeline.")
 app.add_typer(ctl_app, name="ctl")
 app.command()(generate)
 app.command("trace-stats")(observe.trace_stats_command)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _socket_dir(topology: str, socket_dir: Optional[str]) -> Path:
