@@ -324,7 +324,9 @@ class ComputeDaemon:
             self.requeue(message.task_id, str(exc))
             return
         job.outputs[record.slot_in_step] = y
-        self.histograms.record_us("task_round_trip", (time.perf_counter() - record.sent_s) * 1e6)
+        round_trip_us = (time.perf_counter() - record.sent_s) * 1e6
+        self.histograms.record_us("task_round_trip", round_trip_us)
+        self.histograms.record_us("task_overhead", round_trip_us - message.compute_us)
         job.io_wait_us += message.lease_wait_us
         job.compute_us += message.compute_us
         if len(job.outputs) == job.expected:

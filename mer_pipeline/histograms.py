@@ -25,6 +25,7 @@ STAGES = {
     "slot_ready": "read complete to lease granted to the waiting worker (I/O daemon)",
     "compute_expert": "kernel time for one expert task (worker)",
     "task_round_trip": "task sent to a worker to its result received, lease and kernel included (compute daemon)",
+    "task_overhead": "task round trip minus the worker's kernel time: messages, lease and copies (compute daemon)",
     "layer_step": "one layer step of one token, all its experts (compute daemon)",
     "token": "one token through all of its layer steps (compute daemon)",
 }
