@@ -461,17 +461,17 @@ app = typer.Typer(add_completion=False, help="Start a MER pipeline and supervise
 @app.command()
 def launch(
     topology_name: str = typer.Option("numa0", "--topology", help="configs/NAME.toml, or a path to a .toml file"),
-    store: Optional[str] = typer.Option(None, help="expert store directory"),
-    slots: Optional[int] = typer.Option(None, help="slot count of the pool (overrides pool.memory_gib)"),
-    memory_gib: Optional[float] = typer.Option(None, help="memory for the slot pool in GiB"),
-    predictor: Optional[str] = typer.Option(None, help="none, frequency or transition"),
-    eviction: Optional[str] = typer.Option(None, help="lru or layer"),
-    workers: Optional[int] = typer.Option(None, help="number of compute workers (0: one per CPU)"),
-    io_engine: Optional[str] = typer.Option(None, help="auto, io_uring or preadv"),
-    direct: Optional[str] = typer.Option(None, help="auto, direct or buffered"),
-    socket_dir: Optional[str] = typer.Option(None, help="directory for sockets, state and logs"),
+    store: Optional[str] = typer.Option(None, help="expert store directory (sets store)"),
+    slots: Optional[int] = typer.Option(None, help="number of slots in the pool (sets pool.slots; overrides pool.memory_gib)"),
+    memory_gib: Optional[float] = typer.Option(None, help="memory for the slot pool in GiB (sets pool.memory_gib)"),
+    predictor: Optional[str] = typer.Option(None, help="prefetch predictor: none, frequency or transition (sets predictor.kind)"),
+    eviction: Optional[str] = typer.Option(None, help="eviction policy: lru or layer (sets io.eviction)"),
+    workers: Optional[int] = typer.Option(None, help="number of compute workers, 0 for one per CPU of the NUMA node (sets workers.count)"),
+    io_engine: Optional[str] = typer.Option(None, help="read engine: auto, io_uring or preadv (sets io.engine)"),
+    direct: Optional[str] = typer.Option(None, help="O_DIRECT use: auto, direct or buffered (sets io.direct)"),
+    socket_dir: Optional[str] = typer.Option(None, help="directory for sockets, state and logs (sets runtime.socket_dir)"),
     name: Optional[str] = typer.Option(None, help="pipeline name (default: the topology's)"),
-    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR"),
+    log_level: Optional[str] = typer.Option(None, help="daemon log level: DEBUG, INFO, WARNING or ERROR (sets runtime.log_level)"),
     metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on 127.0.0.1:PORT (0: a free port); off when absent"),
 ) -> None:
     overrides = {

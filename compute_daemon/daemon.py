@@ -2,10 +2,10 @@
 
 Clients send TokenRequest (a token through a list of layer steps) or ExpertRequest (one
 expert on a batch of rows) to the ROUTER at compute.sock. For each layer step the daemon
-normalizes the hidden state, sends one Task per routed expert to an idle worker over
-the ROUTER at tasks.sock, reports the step's experts to the predictor, and when every
-result is in, adds them to the residual stream in routing order, so the result does
-not depend on which worker ran a task or when it finished.
+normalizes the hidden state and sends one Task per routed expert to an idle worker over
+the ROUTER at tasks.sock. It also reports the step's experts to the predictor. When
+every result is in, it adds them to the residual stream in routing order, so the result
+does not depend on which worker ran a task or when it finished.
 
 Task delivery is at least once, results are applied exactly once: a task whose worker
 restarts (a new WorkerReady from the same worker name) or stays silent past

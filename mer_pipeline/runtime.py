@@ -1,4 +1,4 @@
-"""What every MER daemon shares: the pipeline description, socket endpoints, logging,
+"""Code shared by every MER daemon: the pipeline description, socket endpoints, logging,
 CPU pinning and exit on the launcher's death.
 
 The launcher writes SOCKET_DIR/pipeline.json before it starts any daemon; each daemon

@@ -74,7 +74,7 @@ class Worker:
         daemon may have restarted and lost it. The worker holds no lease while it
         waits, so before retrying it reclaims every lease the table records for it
         (a grant whose reply died with the old daemon), and it releases any grant
-        that answers an older request.
+        that replies to an older request.
         """
         runtime_config = self.info.config.runtime
         deadline = time.monotonic() + runtime_config.request_timeout_s
