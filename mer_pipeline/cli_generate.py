@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,6 +19,7 @@ from mer_pipeline.client import DaemonTimeout
 from mer_pipeline.config import ConfigError, load_config
 from mer_pipeline.generate import Generation, generate as run_generate, make_backend
 from mer_pipeline.main_job import PipelineStartError, launched_pipeline
+from mer_pipeline.observe.timeline import write_trace
 from mer_pipeline.model import ModelError, load_model
 from mer_pipeline.model.tokenizer import load_tokenizer
 from mer_pipeline.runtime import PipelineInfo
@@ -97,6 +99,8 @@ def generate(
     lookahead: str = typer.Option("auto", "--lookahead",
                                   help="layers ahead to prefetch from later routers: a number, or auto (by measured precision)"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating after an end-of-sequence token"),
+    trace_out: Optional[Path] = typer.Option(None, "--trace-out",
+                                             help="write a Chrome/Perfetto trace of the run's spans (not with --local)"),
     topology: str = typer.Option("numa0", help="find the running pipeline by its topology"),
     socket_dir: Optional[str] = typer.Option(None, help="find the running pipeline by its socket directory"),
 ) -> None:
@@ -114,16 +118,21 @@ def generate(
             ids = tokenizer.encode(prompt)
         else:
             ids = _parse_ids(prompt_ids)
+        if trace_out is not None and local:
+            raise ModelError("--trace-out records the pipeline's spans; it cannot be used with --local")
         if lookahead != "auto" and not lookahead.isdigit():
             raise ModelError(f"--lookahead {lookahead!r} is neither a number of layers nor auto")
         with _pipeline(local, launch, store, slots, topology, socket_dir) as info:
             backend = make_backend(opened, info)
+            started_ns = time.monotonic_ns()
             try:
                 model = load_model(opened, backend, lookahead=lookahead if lookahead == "auto" else int(lookahead))
                 result = run_generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
                                       stop_at_eos=not ignore_eos, pipeline=info)
             finally:
                 backend.close()
+            if trace_out is not None:
+                write_trace(info, trace_out, started_ns)
     except ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
