@@ -75,6 +75,27 @@ class FrequencyPredictor(Predictor):
         return self._select(hints, max_hints, min_confidence)
 
 
+class PreviousTokenPredictor(Predictor):
+    """Baseline: hints, for each coming layer, the experts it routed to at its last visit."""
+
+    name = "previous"
+
+    def __init__(self, n_layers: int, n_experts: int) -> None:
+        super().__init__(n_layers, n_experts)
+        self.last: dict[int, list[int]] = {}
+
+    def observe(self, token: int, layer: int, expert_ids: list[int]) -> None:
+        self.last[layer] = [e % self.n_experts for e in expert_ids]
+
+    def predict(self, layer: int, lookahead: int, max_hints: int, min_confidence: float) -> list[Hint]:
+        hints = [
+            Hint(target * self.n_experts + expert, steps_ahead, 1.0)
+            for steps_ahead, target in self._target_layers(layer, lookahead)
+            for expert in self.last.get(target, [])
+        ]
+        return self._select(hints, max_hints, min_confidence)
+
+
 class TransitionPredictor(Predictor):
     """Learns online which experts follow which.
 
@@ -143,7 +164,7 @@ class TransitionPredictor(Predictor):
         return scores / used
 
 
-PREDICTORS = {cls.name: cls for cls in (Predictor, FrequencyPredictor, TransitionPredictor)}
+PREDICTORS = {cls.name: cls for cls in (Predictor, FrequencyPredictor, PreviousTokenPredictor, TransitionPredictor)}
 
 
 def make_predictor(kind: str, n_layers: int, n_experts: int) -> Predictor:
@@ -177,3 +198,15 @@ def evaluate(predictor: Predictor, access_steps: list[tuple[int, int, list[int]]
             "recall": true_positive / used_total if used_total else 0.0,
         }
     return result
+
+
+def compare(
+    access_steps: list[tuple[int, int, list[int]]], n_layers: int, n_experts: int, lookahead: int, max_hints: int
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Run `evaluate` for every predictor on the same steps, so `transition` is read
+    against the baselines `previous` (last visit's experts) and `frequency`."""
+    return {
+        kind: evaluate(make_predictor(kind, n_layers, n_experts), access_steps, lookahead, max_hints)
+        for kind in PREDICTORS
+        if kind != "none"
+    }

@@ -50,6 +50,21 @@ def test_layer_policy_prefers_far_layer():
     assert policy.reuse_distance_steps(0) < policy.reuse_distance_steps(2)
 
 
+def test_layer_share_decay_follows_change():
+    # Two layers of 4 experts, top-2. Layer 0's visits use {0, 2} 200 times, then {1, 3}
+    # 40 times, then {0, 1}, so 0 and 1 have the same gap and differ only in their
+    # shares. With a half-life of 8 visits the recent expert 1 has the larger share.
+    visits = [(0, 2)] * 200 + [(1, 3)] * 40 + [(0, 1)]
+    decayed = LayerPolicy(n_layers=2, n_experts=4, share_half_life_visits=8)
+    plain = LayerPolicy(n_layers=2, n_experts=4)
+    for first, second in visits:
+        for expert in (first, second, 4):  # expert 4 is in layer 1, so it ends each visit of layer 0
+            decayed.record_access(expert)
+            plain.record_access(expert)
+    assert decayed.choose_victim([0, 1]) == 0
+    assert plain.choose_victim([0, 1]) == 1
+
+
 def test_layer_policy_rejects_bad_expert():
     policy = LayerPolicy(n_layers=2, n_experts=2)
     with pytest.raises(ValueError, match="outside"):
@@ -94,7 +109,7 @@ def test_trace_hit_rates(trace_ids):
         capacity = int(256 * share)
         lru = lru_hit_rate(trace_ids, capacity)
         belady = belady_hit_rate(trace_ids, capacity)
-        layer = simulate(trace_ids, capacity, LayerPolicy(32, 8))
+        layer = simulate(trace_ids, capacity, eviction.make_policy("layer", 32, 8))
         print(f"capacity={capacity} lru={lru:.3f} layer={layer:.3f} belady={belady:.3f}")
         assert layer > lru + 0.02, f"capacity {capacity}: layer {layer:.3f} vs lru {lru:.3f}"
         assert layer <= belady
