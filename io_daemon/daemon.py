@@ -47,6 +47,9 @@ ACCEPTED = (
 # Messages handled per loop turn before completions are reaped again.
 MAX_MESSAGES_PER_TURN = 256
 POLL_INTERVAL_MS = 500
+# Weight of the newest value in the read-time and layer-step moving averages.
+EWMA_WEIGHT = 0.1
+STEP_IDLE_US = 2_000_000
 COUNTER_NAMES = (
     "lookups",
     "hits",
@@ -57,6 +60,15 @@ COUNTER_NAMES = (
     "prefetch_wasted",
     "prefetch_late",
     "prefetch_skipped",
+    # Hints not started: the prefetch reads in flight reached io.prefetch_max_inflight, or
+    # the read could not finish before its layer step (io.prefetch_deadline_slack).
+    "prefetch_skipped_inflight",
+    "prefetch_skipped_late",
+    # Lookups that would miss without prefetch: the prefetch had finished (hidden), was
+    # still reading (partly hidden), or was never started (not hidden).
+    "misses_hidden",
+    "misses_partly_hidden",
+    "misses_not_hidden",
     "evictions",
     "lease_failed",
     "read_errors",
@@ -117,7 +129,14 @@ class IoDaemon:
         self.pinned_experts = set(self.config.pool.pinned)
         self.slot_of: dict[int, int] = {}
         self.loads: dict[int, Load] = {}
-        self.prefetched_unused: set[int] = set()
+        # Slot of a finished prefetch not yet demanded -> when its hint arrived (monotonic ns).
+        self.prefetched_unused: dict[int, int] = {}
+        # Moving averages that decide whether a prefetch can finish in time: the device
+        # time of one expert read, and the time between lease requests of two layers.
+        self.read_ewma_us = 0.0
+        self.step_ewma_us = 0.0
+        self.last_step_layer = -1
+        self.last_step_ns = 0
         self.waiting: collections.deque[Waiter] = collections.deque()
         self.socket: zmq.Socket | None = None
         self.stopping = False
@@ -270,6 +289,7 @@ class IoDaemon:
             )
             return
         self.policy.record_access(request.expert)
+        self._time_layer_step(request.expert)
         waiter = Waiter(
             envelope,
             request.request_id,
@@ -281,12 +301,20 @@ class IoDaemon:
         slot = self.slot_of.get(request.expert)
         if slot is not None and self.table.state(slot) == READY:
             self.counters["hits"] += 1
-            if slot in self.prefetched_unused:
-                self.prefetched_unused.discard(slot)
+            hint_ns = self.prefetched_unused.pop(slot, None)
+            if hint_ns is not None:
                 self.counters["prefetch_useful"] += 1
+                self.counters["misses_hidden"] += 1
+                self.histograms.record_us("prefetch_lead", (time.monotonic_ns() - hint_ns) / 1000)
             self._grant(waiter, slot, hit=True)
             return
         self.counters["misses"] += 1
+        load = self.loads.get(request.expert)
+        if load is not None and load.prefetch:
+            self.counters["misses_partly_hidden"] += 1
+            self.histograms.record_us("prefetch_lead", (time.monotonic_ns() - load.hint_ns) / 1000)
+        else:
+            self.counters["misses_not_hidden"] += 1
         self._serve_miss(waiter)
 
     def _serve_miss(self, waiter: Waiter) -> None:
@@ -403,8 +431,7 @@ class IoDaemon:
         slot = self.slot_of.pop(victim)
         self.policy.forget(victim)
         self.counters["evictions"] += 1
-        if slot in self.prefetched_unused:
-            self.prefetched_unused.discard(slot)
+        if self.prefetched_unused.pop(slot, None) is not None:
             self.counters["prefetch_wasted"] += 1
         return slot
 
@@ -458,7 +485,10 @@ class IoDaemon:
             return
         self.table.finish_load(slot)
         if load.prefetch and not load.waiters:
-            self.prefetched_unused.add(slot)
+            self.prefetched_unused[slot] = load.hint_ns
+        if load.prefetch:
+            self.histograms.record_us("prefetch_read", (read.completed_ns - read.queued_ns) / 1000)
+        self.read_ewma_us = _ewma(self.read_ewma_us, (read.completed_ns - read.submitted_ns) / 1000)
         completed_ns = time.monotonic_ns()
         for waiter in load.waiters:
             self._grant(waiter, slot, hit=False)
@@ -495,6 +525,13 @@ class IoDaemon:
             # Already cached or loading, or demand requests are waiting for slots.
             self.counters["prefetch_skipped"] += 1
             return
+        prefetches_in_flight = sum(1 for load in self.loads.values() if load.prefetch)
+        if prefetches_in_flight >= self.config.io.prefetch_max_inflight:
+            self.counters["prefetch_skipped_inflight"] += 1
+            return
+        if not self._prefetch_in_time(hint.steps_ahead):
+            self.counters["prefetch_skipped_late"] += 1
+            return
         slot = self._acquire_slot(needed_within_steps=max(hint.steps_ahead, 0))
         if slot is None:
             self.counters["prefetch_skipped"] += 1
@@ -502,6 +539,29 @@ class IoDaemon:
         self.counters["prefetch_issued"] += 1
         self._start_load(hint.expert, slot, PREFETCH, [])
         self.loads[hint.expert].hint_ns = time.monotonic_ns()
+
+    def _prefetch_in_time(self, steps_ahead: int) -> bool:
+        """Estimate whether a read started now, behind the reads in flight, finishes before
+        `steps_ahead` layer steps have passed; True until both times have been measured."""
+        slack = self.config.io.prefetch_deadline_slack
+        if slack <= 0 or not self.read_ewma_us or not self.step_ewma_us:
+            return True
+        # Reads share the device, so the reads in flight finish before this one (an estimate).
+        finish_us = (len(self.loads) + 1) * self.read_ewma_us
+        return finish_us <= max(steps_ahead, 0) * self.step_ewma_us * slack
+
+    def _time_layer_step(self, expert: int) -> None:
+        """Update the time between layer steps from a lease request's layer."""
+        layer = expert // self.store.shape.n_experts
+        if layer == self.last_step_layer:
+            return
+        now_ns = time.monotonic_ns()
+        interval_us = (now_ns - self.last_step_ns) / 1000
+        # A pause longer than this is idle time between runs, not a layer step.
+        if self.last_step_ns and interval_us < STEP_IDLE_US:
+            self.step_ewma_us = _ewma(self.step_ewma_us, interval_us)
+        self.last_step_layer = layer
+        self.last_step_ns = now_ns
 
     # --- stats and stop ------------------------------------------------------------
 
@@ -541,6 +601,11 @@ class IoDaemon:
         self.reader.close()
         self.table = None  # type: ignore[assignment]
         self.pool.close()
+
+
+def _ewma(average: float, value: float) -> float:
+    """Return the moving average updated with `value`; the first value starts it."""
+    return value if not average else average + EWMA_WEIGHT * (value - average)
 
 
 def _drain_fd(fd: int) -> None:

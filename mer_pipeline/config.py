@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PREDICTORS = ("none", "frequency", "transition")
+PREDICTORS = ("none", "frequency", "previous", "transition")
 EVICTIONS = ("lru", "layer")
 
 
@@ -44,6 +44,13 @@ class IoConfig:
     engine: str = "auto"
     # "auto" tries O_DIRECT, then buffered reads with fadvise(DONTNEED); "buffered" forces it.
     direct: str = "auto"
+    # Prefetch reads in flight at most; a hint beyond that is dropped, so demand reads
+    # do not queue behind guesses.
+    prefetch_max_inflight: int = 2
+    # A hint is started only if the reads ahead of it and its own read, at the measured
+    # read time, fit in steps_ahead x the measured layer-step time x this factor; 0 turns
+    # the check off.
+    prefetch_deadline_slack: float = 1.0
 
 
 @dataclasses.dataclass
@@ -165,6 +172,11 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         raise ConfigError(
             f"io.read_size_kib {config.io.read_size_kib} must be a multiple of 4 between 4 and 1024 "
             "(larger O_DIRECT requests can complete short with -EAGAIN)"
+        )
+    if config.io.prefetch_max_inflight < 0 or config.io.prefetch_deadline_slack < 0:
+        raise ConfigError(
+            f"io.prefetch_max_inflight ({config.io.prefetch_max_inflight}) and io.prefetch_deadline_slack "
+            f"({config.io.prefetch_deadline_slack}) must be >= 0"
         )
     if config.pool.slots < 0 or config.pool.memory_gib <= 0:
         raise ConfigError(f"pool.slots ({config.pool.slots}) must be >= 0 and pool.memory_gib ({config.pool.memory_gib}) > 0")
