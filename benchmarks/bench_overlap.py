@@ -1,11 +1,12 @@
 """Overlap of expert reads and compute: achieved tokens/s against the compute-only and
 I/O-only bounds, measured in the same run.
 
-On a store of Mixtral-shaped q4_0 experts (d_model 4096, d_ff 14336, 8 layers x 8
-experts, about 6.3 GB), streams the first 8 layers of the bundled Mixtral decode trace
-through the pipeline with the pool at each cache share, for each configuration
-(eviction policy, predictor, prefetch admission). Per run it reports the hit rate, the
-share of would-be misses that prefetch hid fully or partly, io_share and tokens/s, and:
+The store holds Mixtral-shaped q4_0 experts (d_model 4096, d_ff 14336, 8 layers x 8
+experts, about 6.3 GB). The benchmark streams the first 8 layers of the bundled Mixtral
+decode trace through the pipeline, with the pool at each cache share and each
+configuration (eviction policy, predictor, prefetch admission). Per run it reports the
+hit rate, the share of would-be misses that prefetch hid fully or partly, io_share and
+tokens/s, and:
 
     compute-only bound  tokens/s of the same tokens with every expert resident
     I/O-only bound      tokens / (would-be misses x expert bytes / read bandwidth), where
@@ -69,7 +70,7 @@ COUNTERS = (
 
 
 def first_layers(trace: Trace, n_layers: int, tokens: slice) -> Trace:
-    """The trace's layers below `n_layers` for the tokens in `tokens`."""
+    """Return the trace cut to the layers below `n_layers` and the tokens in `tokens`."""
     kept = []
     for token in trace.tokens[tokens]:
         cells = [(layer, experts, probs) for layer, experts, probs in zip(token.layers, token.experts, token.probs) if layer < n_layers]
@@ -247,6 +248,9 @@ def main() -> None:
                             f"bound_ratio={samples.values[key + '/bound_ratio'][-1]:.2f}",
                             flush=True,
                         )
+            if not args.json:
+                # The medians so far, so an interrupted run still leaves a summary.
+                print(json.dumps({"after_repeat": repeat, "samples": samples.summary()}), flush=True)
     result = {
         "tokens": len(measured.tokens),
         "repeats": args.repeats,
