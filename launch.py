@@ -111,6 +111,11 @@ class Launcher:
         worker_pool = config.workers.cpus or node_cpus
         n_workers = config.workers.count or len(worker_pool)
         worker_cpus = [[worker_pool[i % len(worker_pool)]] for i in range(n_workers)]
+        if n_workers > len(worker_pool):
+            log.warning(
+                "more workers than CPUs workers=%d cpus=%d: workers share cores and each kernel call slows down",
+                n_workers, len(worker_pool),
+            )
 
         slot_bytes = -(-store.region_bytes // 4096) * 4096
         n_slots = config.pool.slots or int(config.pool.memory_gib * 2**30 // slot_bytes)
@@ -162,8 +167,14 @@ class Launcher:
     def claim_socket_dir(self) -> None:
         """Create the socket directory (mode 0700), refusing a live pipeline of the same
         name and removing what a dead one left behind."""
-        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.socket_dir, 0o700)
+        try:
+            self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.socket_dir, 0o700)
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot create the socket directory {self.socket_dir} ({exc.strerror}); "
+                "choose a writable --socket-dir or set runtime.socket_dir"
+            ) from exc
         lock = self.socket_dir / LOCK_FILE
         if lock.exists():
             try:
@@ -216,7 +227,10 @@ class Launcher:
         self.log_dir.mkdir(exist_ok=True, mode=0o700)
         with self.log_path(daemon.name).open("ab") as log_file:
             daemon.process = subprocess.Popen(
-                daemon.command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=False
+                daemon.command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                # Own session: a terminal's Ctrl-C reaches only the launcher, which then
+                # stops the daemons in order instead of watching them die unexpectedly.
+                start_new_session=True,
             )
         log.info("daemon started name=%s pid=%d", daemon.name, daemon.process.pid)
 
@@ -331,7 +345,7 @@ class Launcher:
             self.after_exit(daemon.name)
             self.spawn(daemon)
             return
-        if supervised.state not in (State.STARTING, State.RUNNING):
+        if supervised.state not in (State.STARTING, State.RUNNING) or self.stop_requested:
             return
         supervised.handle(Event.EXIT_UNWANTED, now)
         log.warning("daemon exited unexpectedly name=%s how=%s log=%s", daemon.name, how, self.log_path(daemon.name))
@@ -462,7 +476,7 @@ app = typer.Typer(add_completion=False, help="Start a MER pipeline and supervise
 def launch(
     topology_name: str = typer.Option("numa0", "--topology", help="configs/NAME.toml, or a path to a .toml file"),
     store: Optional[str] = typer.Option(None, help="expert store directory (sets store)"),
-    slots: Optional[int] = typer.Option(None, help="number of slots in the pool (sets pool.slots; overrides pool.memory_gib)"),
+    slots: Optional[int] = typer.Option(None, help="number of slots in the pool (sets pool.slots; 0 sizes the pool from pool.memory_gib)"),
     memory_gib: Optional[float] = typer.Option(None, help="memory for the slot pool in GiB (sets pool.memory_gib)"),
     predictor: Optional[str] = typer.Option(None, help="prefetch predictor: none, frequency or transition (sets predictor.kind)"),
     eviction: Optional[str] = typer.Option(None, help="eviction policy: lru or layer (sets io.eviction)"),
@@ -483,6 +497,9 @@ def launch(
         config = load_config(topology_name, overrides)
     except ConfigError as exc:
         typer.echo(f"mer-launch: {exc}", err=True)
+        raise typer.Exit(2)
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        typer.echo(f"mer-launch: --metrics-port {metrics_port} is not a TCP port; use 0 to 65535 (0 picks a free port)", err=True)
         raise typer.Exit(2)
     setup_logging("launcher", config.runtime.log_level)
     launcher = Launcher(config)

@@ -503,7 +503,10 @@ class IoDaemon:
             view.release()
         if actual != entry.checksum:
             self.counters["checksum_errors"] += 1
-            return f"checksum {actual} does not match the manifest's {entry.checksum}"
+            return (
+                f"checksum {actual} does not match the manifest's {entry.checksum}; the store is damaged. "
+                "Run `mer store verify` to list every bad expert, then import or synthesize the store again"
+            )
         return None
 
     def _describe_expert(self, expert: int) -> str:

@@ -54,7 +54,7 @@ def _fail(message: str) -> typer.Exit:
 def print_summary(summary: dict) -> None:
     """Print a run summary as text, in the order a reader scans it."""
     lines = [
-        ("tokens", f"{summary['tokens']} ({summary['layer_steps']} layer steps, {summary['skipped_layer_steps']} unknown cells skipped)"),
+        ("tokens", f"{summary['tokens']} ({summary['layer_steps']} layer steps, {summary['skipped_layer_steps']} layer steps without routing in the trace skipped)"),
         ("tokens/s", f"{summary['tokens_per_s']:.2f}  (a token is a token through all of its layers)"),
         ("expert FFNs/s", f"{summary['expert_ffn_per_s']:.1f}"),
         ("cycle per token", f"mean {summary['cycle_us']['mean'] / 1000:.1f} ms, p50 {summary['cycle_us']['p50'] / 1000:.1f} ms"),
@@ -64,6 +64,9 @@ def print_summary(summary: dict) -> None:
         ("worker time", f"io wait {summary['io_wait_us_per_token'] / 1000:.1f} ms/token, compute {summary['compute_us_per_token'] / 1000:.1f} ms/token, io share {summary['io_share']:.2f}"),
         ("pool", f"{summary['pool_slots']} slots of {summary['experts_total']} experts ({summary['pinned']} pinned), {summary['dtype']}, eviction {summary['eviction']}, predictor {summary['predictor']}, {summary['workers']} workers"),
     ]
+    if summary.get("restarted_during_run"):
+        restarted = ", ".join(summary["restarted_during_run"])
+        lines.append(("restarted", f"{restarted} restarted during the run; their counters cover only the time since"))
     for key, value in lines:
         console.print(f"{key:>16}  {value}", highlight=False)
     print_stages(summary["stages"])

@@ -184,6 +184,8 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"workers.count {config.workers.count} must be between 0 and 64")
     if config.predictor.lookahead_layers < 1:
         raise ConfigError(f"predictor.lookahead_layers {config.predictor.lookahead_layers} must be >= 1")
+    if config.runtime.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"runtime.log_level {config.runtime.log_level!r} is unknown; choose DEBUG, INFO, WARNING or ERROR")
     if not config.name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"name {config.name!r} may contain only letters, digits, '-' and '_'")
     return config

@@ -80,3 +80,20 @@ def summarize(histogram: HdrHistogram) -> dict[str, int]:
 def summarize_all(merged: dict[str, HdrHistogram]) -> dict[str, dict[str, int]]:
     order = list(STAGES) + sorted(set(merged) - set(STAGES))
     return {stage: summarize(merged[stage]) for stage in order if stage in merged}
+
+
+def subtract(after: HdrHistogram, before: HdrHistogram) -> HdrHistogram | None:
+    """Return the values recorded between two snapshots of one histogram, bucket by
+    bucket, or None if `before` holds values that `after` lacks (the recording process
+    restarted in between, so its counts started again from zero)."""
+    difference = new_histogram()
+    for item in after.get_recorded_iterator():
+        value = item.value_iterated_to
+        count = item.count_at_value_iterated_to - before.get_count_at_value(value)
+        if count < 0:
+            return None
+        if count:
+            difference.record_value(value, count)
+    if difference.get_total_count() != after.get_total_count() - before.get_total_count():
+        return None
+    return difference

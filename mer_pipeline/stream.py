@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hdrh.histogram import HdrHistogram
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mer_pipeline import wire
 from mer_pipeline.client import DaemonClient
-from mer_pipeline.histograms import merge_encoded, summarize_all
+from mer_pipeline.histograms import new_histogram, subtract, summarize_all
 from mer_pipeline.runtime import COMPUTE_SOCKET, IO_SOCKET, LAUNCHER_SOCKET, PIPELINE_FILE, PREDICTOR_SOCKET, PipelineInfo
 from mer_pipeline.store import open_store
 from mer_pipeline.trace import Trace, TraceError, iter_inputs
@@ -44,7 +45,10 @@ class PipelineStats:
 def load_pipeline(socket_dir: str | Path) -> PipelineInfo:
     path = Path(socket_dir) / PIPELINE_FILE
     if not path.is_file():
-        raise StreamError(f"no running pipeline: {path} not found; start one with `mer-launch --topology NAME --store S`")
+        raise StreamError(
+            f"no running pipeline: {path} not found; start one with `mer-launch --topology NAME --store S`, "
+            "and pass the same --topology or --socket-dir to this command"
+        )
     return PipelineInfo.load(path)
 
 
@@ -178,21 +182,62 @@ def _worker_totals(compute: wire.StatsReply) -> dict[str, int]:
     return totals
 
 
-def summarize_run(info, dtype, tokens, trace, before: PipelineStats, after: PipelineStats, elapsed_s: float, cycle_us: np.ndarray) -> dict[str, Any]:
-    io_a, io_b = after.io.counters, before.io.counters
-    lookups = _delta(io_a, io_b, "lookups")
-    hits = _delta(io_a, io_b, "hits")
-    misses = _delta(io_a, io_b, "misses")
-    io_bytes = _delta(io_a, io_b, "io_bytes")
-    io_busy_us = _delta(io_a, io_b, "io_busy_us")
-    workers_a, workers_b = _worker_totals(after.compute), _worker_totals(before.compute)
-    lease_wait_us = _delta(workers_a, workers_b, "lease_wait_us")
-    compute_us = _delta(workers_a, workers_b, "compute_us")
-    expert_tasks = _delta(workers_a, workers_b, "tasks")
+def _since(after: dict[str, Any], before: dict[str, Any]) -> tuple[dict[str, int], bool]:
+    """Return one daemon's integer counters counted since `before`, and whether the daemon
+    restarted in between (then the counters since its restart are returned)."""
+    numeric = {k: v for k, v in after.items() if isinstance(v, int) and not isinstance(v, bool)}
+    previous = {k: v for k, v in before.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if any(value < previous.get(key, 0) for key, value in numeric.items()):
+        return numeric, True
+    return {key: value - previous.get(key, 0) for key, value in numeric.items()}, False
 
-    encoded = [after.io.histograms, after.compute.histograms]
-    encoded += [w["histograms"] for w in after.compute.counters.get("workers", {}).values()]
-    stages = summarize_all(merge_encoded(encoded))
+
+def _histograms_since(after: dict[str, str], before: dict[str, str]) -> dict[str, HdrHistogram]:
+    """Return one process's stage histograms recorded since `before` (all of them if the
+    process restarted in between)."""
+    result = {}
+    for stage, text in after.items():
+        now = HdrHistogram.decode(text.encode("ascii"))
+        if stage not in before:
+            result[stage] = now
+            continue
+        difference = subtract(now, HdrHistogram.decode(before[stage].encode("ascii")))
+        result[stage] = now if difference is None else difference
+    return result
+
+
+def summarize_run(info, dtype, tokens, trace, before: PipelineStats, after: PipelineStats, elapsed_s: float, cycle_us: np.ndarray) -> dict[str, Any]:
+    """Summarize one stream: counters and stage histograms counted since `before`."""
+    restarted = []
+    io, io_reset = _since(after.io.counters, before.io.counters)
+    if io_reset:
+        restarted.append("io")
+    workers_before = before.compute.counters.get("workers", {})
+    workers_after = after.compute.counters.get("workers", {})
+    worker_totals: dict[str, int] = {}
+    per_process = [
+        _histograms_since(after.io.histograms, {} if io_reset else before.io.histograms),
+        _histograms_since(after.compute.histograms, before.compute.histograms),
+    ]
+    for name, worker in workers_after.items():
+        previous = workers_before.get(name, {"counters": {}, "histograms": {}})
+        counters, reset = _since(worker["counters"], previous["counters"])
+        if reset:
+            restarted.append(name)
+        for key, value in counters.items():
+            worker_totals[key] = worker_totals.get(key, 0) + value
+        per_process.append(_histograms_since(worker["histograms"], {} if reset else previous["histograms"]))
+    merged: dict[str, HdrHistogram] = {}
+    for histograms in per_process:
+        for stage, histogram in histograms.items():
+            merged.setdefault(stage, new_histogram()).add(histogram)
+    stages = summarize_all(merged)
+
+    lookups, hits, misses = io.get("lookups", 0), io.get("hits", 0), io.get("misses", 0)
+    io_bytes, io_busy_us = io.get("io_bytes", 0), io.get("io_busy_us", 0)
+    lease_wait_us = worker_totals.get("lease_wait_us", 0)
+    compute_us = worker_totals.get("compute_us", 0)
+    expert_tasks = worker_totals.get("tasks", 0)
     n_tokens = len(tokens)
     layer_steps = sum(len(t.layers) for t in tokens)
     busy_us = lease_wait_us + compute_us
@@ -204,12 +249,12 @@ def summarize_run(info, dtype, tokens, trace, before: PipelineStats, after: Pipe
         "hits": hits,
         "misses": misses,
         "hit_rate": hits / lookups if lookups else 0.0,
-        "prefetch_issued": _delta(io_a, io_b, "prefetch_issued"),
-        "prefetch_useful": _delta(io_a, io_b, "prefetch_useful"),
-        "prefetch_wasted": _delta(io_a, io_b, "prefetch_wasted"),
-        "prefetch_late": _delta(io_a, io_b, "prefetch_late"),
-        "io_path": io_a.get("io_path", "unknown"),
-        "io_reads": _delta(io_a, io_b, "io_reads"),
+        "prefetch_issued": io.get("prefetch_issued", 0),
+        "prefetch_useful": io.get("prefetch_useful", 0),
+        "prefetch_wasted": io.get("prefetch_wasted", 0),
+        "prefetch_late": io.get("prefetch_late", 0),
+        "io_path": after.io.counters.get("io_path", "unknown"),
+        "io_reads": io.get("io_reads", 0),
         "io_bytes": io_bytes,
         "io_mib_per_s": io_bytes / 2**20 / (io_busy_us / 1e6) if io_busy_us else 0.0,
         "io_latency_us": stages.get("io_device", {}),
@@ -230,4 +275,6 @@ def summarize_run(info, dtype, tokens, trace, before: PipelineStats, after: Pipe
         "eviction": info.config.io.eviction,
         "workers": len(info.worker_cpus),
         "stages": stages,
+        # Daemons that restarted during the run: their counters cover only the time since.
+        "restarted_during_run": restarted,
     }

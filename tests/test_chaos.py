@@ -105,6 +105,10 @@ def test_kill_daemons_output_unchanged(chaos_store, trace, tmp_path):
     assert "error" not in result, f"kills {kills}: {result.get('error')}"
     assert len(kills) >= 3
     assert np.array_equal(result["out"], expected), f"output changed after kills {kills} (seed {seed})"
+    summary = result["summary"]
+    assert summary["restarted_during_run"]
+    assert summary["lookups"] >= 0
+    assert summary["hits"] + summary["misses"] == summary["lookups"]
     for name in names:
         assert not os.path.exists("/dev/shm" + name)
     assert not list(socket_dir.glob("*.sock"))

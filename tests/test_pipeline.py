@@ -147,8 +147,11 @@ def test_ctl_stats_and_worker_restart(small_store, trace, tmp_path):
         assert after["worker:0"]["state"] == "running"
         pids.append(after["worker:0"]["pid"])
 
-        second, _ = stream_trace(info, trace, None, 4, seed=3, progress=False)
+        second, summary = stream_trace(info, trace, None, 4, seed=3, progress=False)
         assert np.array_equal(first, second)
+        assert summary["stages"]["token"]["count"] == 4
+        assert summary["stages"]["compute_expert"]["count"] == summary["lookups"]
+        assert summary["restarted_during_run"] == []
 
         stats = _mer("stats", "--json", "--socket-dir", str(socket_dir))
         assert stats.returncode == 0, stats.stderr
