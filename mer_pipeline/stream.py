@@ -90,6 +90,7 @@ def stream_trace(
     d_model = store.shape.d_model
     tokens = trace.tokens[: n_tokens] if n_tokens else trace.tokens
     timeout_s = info.config.runtime.request_timeout_s
+    pids_before = daemon_pids(info)
     before = collect_stats(info)
 
     outputs = np.zeros((len(tokens), d_model), dtype=np.float32)
@@ -116,23 +117,33 @@ def stream_trace(
         client.close()
     elapsed_s = time.perf_counter() - start_s
     after = collect_stats(info)
-    summary = summarize_run(info, store.dtype, tokens, trace, before, after, elapsed_s, cycle_us)
+    pids_after = daemon_pids(info)
+    restarted = sorted(name for name, pid in pids_after.items() if pid != pids_before.get(name))
+    summary = summarize_run(info, store.dtype, tokens, trace, before, after, elapsed_s, cycle_us, restarted)
     return outputs, summary
 
 
-def compute_pid(info: PipelineInfo) -> int | None:
-    """Return the compute daemon's pid as the launcher reports it, or None if unknown."""
+def daemon_pids(info: PipelineInfo) -> dict[str, int | None]:
+    """Return each daemon's pid as the launcher reports it (None while it is not running),
+    or an empty dict if the launcher does not reply."""
     client = DaemonClient(info.endpoint(LAUNCHER_SOCKET), "launcher")
     try:
         reply = client.request(wire.ControlRequest(client.next_id(), "status", ""), 2.0)
     except TimeoutError:
-        return None
+        return {}
     finally:
         client.close()
     if not isinstance(reply, wire.ControlReply) or not reply.ok:
-        return None
-    daemon = reply.payload["daemons"].get("compute", {})
-    return daemon.get("pid") if daemon.get("state") == "running" else None
+        return {}
+    return {
+        name: daemon.get("pid") if daemon.get("state") == "running" else None
+        for name, daemon in reply.payload["daemons"].items()
+    }
+
+
+def compute_pid(info: PipelineInfo) -> int | None:
+    """Return the compute daemon's pid as the launcher reports it, or None if unknown."""
+    return daemon_pids(info).get("compute")
 
 
 def resumable_request(info: PipelineInfo, client: DaemonClient, request: wire.Message, timeout_s: float) -> wire.Message:
@@ -182,12 +193,13 @@ def _worker_totals(compute: wire.StatsReply) -> dict[str, int]:
     return totals
 
 
-def _since(after: dict[str, Any], before: dict[str, Any]) -> tuple[dict[str, int], bool]:
+def _since(after: dict[str, Any], before: dict[str, Any], restarted: bool) -> tuple[dict[str, int], bool]:
     """Return one daemon's integer counters counted since `before`, and whether the daemon
-    restarted in between (then the counters since its restart are returned)."""
+    restarted in between (then the counters since its restart are returned). A restart
+    the launcher did not report still shows as a counter that went down."""
     numeric = {k: v for k, v in after.items() if isinstance(v, int) and not isinstance(v, bool)}
     previous = {k: v for k, v in before.items() if isinstance(v, int) and not isinstance(v, bool)}
-    if any(value < previous.get(key, 0) for key, value in numeric.items()):
+    if restarted or any(value < previous.get(key, 0) for key, value in numeric.items()):
         return numeric, True
     return {key: value - previous.get(key, 0) for key, value in numeric.items()}, False
 
@@ -206,24 +218,28 @@ def _histograms_since(after: dict[str, str], before: dict[str, str]) -> dict[str
     return result
 
 
-def summarize_run(info, dtype, tokens, trace, before: PipelineStats, after: PipelineStats, elapsed_s: float, cycle_us: np.ndarray) -> dict[str, Any]:
+def summarize_run(
+    info, dtype, tokens, trace, before: PipelineStats, after: PipelineStats, elapsed_s: float, cycle_us: np.ndarray,
+    restarted_daemons: list[str],
+) -> dict[str, Any]:
     """Summarize one stream: counters and stage histograms counted since `before`."""
-    restarted = []
-    io, io_reset = _since(after.io.counters, before.io.counters)
+    restarted = set(restarted_daemons)
+    io, io_reset = _since(after.io.counters, before.io.counters, "io" in restarted)
     if io_reset:
-        restarted.append("io")
+        restarted.add("io")
+    compute_reset = "compute" in restarted
     workers_before = before.compute.counters.get("workers", {})
     workers_after = after.compute.counters.get("workers", {})
     worker_totals: dict[str, int] = {}
     per_process = [
         _histograms_since(after.io.histograms, {} if io_reset else before.io.histograms),
-        _histograms_since(after.compute.histograms, before.compute.histograms),
+        _histograms_since(after.compute.histograms, {} if compute_reset else before.compute.histograms),
     ]
     for name, worker in workers_after.items():
         previous = workers_before.get(name, {"counters": {}, "histograms": {}})
-        counters, reset = _since(worker["counters"], previous["counters"])
+        counters, reset = _since(worker["counters"], previous["counters"], name in restarted)
         if reset:
-            restarted.append(name)
+            restarted.add(name)
         for key, value in counters.items():
             worker_totals[key] = worker_totals.get(key, 0) + value
         per_process.append(_histograms_since(worker["histograms"], {} if reset else previous["histograms"]))
@@ -276,5 +292,5 @@ def summarize_run(info, dtype, tokens, trace, before: PipelineStats, after: Pipe
         "workers": len(info.worker_cpus),
         "stages": stages,
         # Daemons that restarted during the run: their counters cover only the time since.
-        "restarted_during_run": restarted,
+        "restarted_during_run": sorted(restarted),
     }
