@@ -1,9 +1,9 @@
 """Per-stage latency histograms (HDR histograms, microseconds) that merge exactly.
 
-Each process records into its own `StageHistograms`; `encode` turns them into
-base64 text (the HdrHistogram wire format) and `merge_encoded` adds encoded
-histograms from several processes bucket by bucket, so merged percentiles are
-exact to the histogram's 3 significant digits, never averages of percentiles.
+Each process records into its own `StageHistograms`, and `encode` turns them into
+base64 text (the HdrHistogram wire format). `merge_encoded` adds encoded histograms
+from several processes bucket by bucket. Merged percentiles are therefore exact to
+the histogram's 3 significant digits, never averages of percentiles.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def summarize_all(merged: dict[str, HdrHistogram]) -> dict[str, dict[str, int]]:
 
 def subtract(after: HdrHistogram, before: HdrHistogram) -> HdrHistogram | None:
     """Return the values recorded between two snapshots of one histogram, bucket by
-    bucket, or None if `before` holds values that `after` lacks (the recording process
-    restarted in between, so its counts started again from zero)."""
+    bucket. Return None if `before` contains values that `after` lacks, because the
+    recording process restarted in between and its counts started again from zero."""
     difference = new_histogram()
     for item in after.get_recorded_iterator():
         value = item.value_iterated_to
