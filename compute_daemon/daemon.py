@@ -7,20 +7,18 @@ the ROUTER at tasks.sock. It also reports the step's experts to the predictor. W
 every result is in, it adds them to the residual stream in routing order, so the result
 does not depend on which worker ran a task or when it finished.
 
-Task delivery is at least once, results are applied exactly once: a task whose worker
-restarts (a new WorkerReady from the same worker name) or stays silent past
-runtime.request_timeout_s is sent again, and a second result for a task id that is
-already done is dropped.
+Task delivery is at least once, and results are applied exactly once. A task is sent
+again when its worker restarts (a new WorkerReady from the same worker name with a new
+pid) or stays silent past runtime.request_timeout_s. A second result for a task id that
+is already done is dropped.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import logging
 import os
-import signal
 import time
 
 import numpy as np
@@ -35,10 +33,8 @@ from mer_pipeline.runtime import (
     TASKS_SOCKET,
     PipelineInfo,
     RateLimitedWarning,
-    exit_with_parent,
     parent_alive,
-    pin_cpus,
-    setup_logging,
+    run_daemon,
 )
 from mer_pipeline.store import open_store
 
@@ -476,21 +472,5 @@ class ComputeDaemon:
         self.context.term()
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m compute_daemon", description="MER compute daemon")
-    parser.add_argument("--pipeline", required=True, help="path of the pipeline.json the launcher wrote")
-    args = parser.parse_args(argv)
-    info = PipelineInfo.load(args.pipeline)
-    setup_logging("compute", info.config.runtime.log_level)
-    exit_with_parent()
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    pin_cpus(info.config.compute.cpus, "compute")
-    daemon = ComputeDaemon(info)
-    try:
-        daemon.serve()
-    finally:
-        daemon.close()
+    run_daemon("python -m compute_daemon", "compute", argv, lambda config: config.compute.cpus, ComputeDaemon)

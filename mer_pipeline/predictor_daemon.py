@@ -7,11 +7,9 @@ cannot send, and the I/O daemon keeps serving demand reads.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import logging
 import os
-import signal
 import time
 
 import zmq
@@ -24,10 +22,8 @@ from mer_pipeline.runtime import (
     PREDICTOR_SOCKET,
     PipelineInfo,
     RateLimitedWarning,
-    exit_with_parent,
     parent_alive,
-    pin_cpus,
-    setup_logging,
+    run_daemon,
 )
 from mer_pipeline.store import open_store
 
@@ -116,24 +112,8 @@ class PredictorDaemon:
         self.context.term()
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mer_pipeline.predictor_daemon", description="MER predictor daemon")
-    parser.add_argument("--pipeline", required=True, help="path of the pipeline.json the launcher wrote")
-    args = parser.parse_args(argv)
-    info = PipelineInfo.load(args.pipeline)
-    setup_logging("predictor", info.config.runtime.log_level)
-    exit_with_parent()
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    pin_cpus(info.config.predictor.cpus, "predictor")
-    daemon = PredictorDaemon(info)
-    try:
-        daemon.serve()
-    finally:
-        daemon.close()
+    run_daemon("python -m mer_pipeline.predictor_daemon", "predictor", argv, lambda config: config.predictor.cpus, PredictorDaemon)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ is started as `python -m PACKAGE --pipeline SOCKET_DIR/pipeline.json [role args]
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import dataclasses
 import json
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from mer_pipeline.config import PipelineConfig
 
@@ -82,6 +84,34 @@ def exit_with_parent() -> None:
             log.warning("prctl(PR_SET_PDEATHSIG) failed errno=%d", ctypes.get_errno())
     except (OSError, AttributeError) as exc:
         log.warning("prctl unavailable, exit on parent death relies on polling error=%s", exc)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def run_daemon(
+    prog: str,
+    role: str,
+    argv: list[str] | None,
+    cpus_of: Callable[[PipelineConfig], list[int]],
+    factory: Callable[["PipelineInfo"], Any],
+) -> None:
+    """Run one daemon process: parse --pipeline, set up logging, exit with the launcher,
+    exit on SIGTERM, pin to the role's CPUs, then serve until done and close."""
+    parser = argparse.ArgumentParser(prog=prog, description=f"MER {role} daemon")
+    parser.add_argument("--pipeline", required=True, help="path of the pipeline.json the launcher wrote")
+    args = parser.parse_args(argv)
+    info = PipelineInfo.load(args.pipeline)
+    setup_logging(role, info.config.runtime.log_level)
+    exit_with_parent()
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    pin_cpus(cpus_of(info.config), role)
+    daemon = factory(info)
+    try:
+        daemon.serve()
+    finally:
+        daemon.close()
 
 
 def parent_alive(launcher_pid: int) -> bool:
