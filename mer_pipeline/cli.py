@@ -219,7 +219,7 @@ def ctl_stop(
 @app.command()
 def run(
     tokens: Optional[int] = typer.Option(None, help="replay only the first N tokens of the bundled trace"),
-    pool_share: float = typer.Option(0.5, help="share of the store's experts the pool holds"),
+    pool_share: float = typer.Option(0.5, help="fraction of the store's experts that fit in the pool, 0 to 1"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """The main job: make (once) a default q4_0 store, launch numa0, replay the bundled

@@ -86,7 +86,7 @@ class RuntimeConfig:
     request_timeout_s: float = 120.0
     # A worker sends an unanswered lease request again after this long (the io daemon may have restarted).
     lease_retry_s: float = 5.0
-    # An idle worker tells the compute daemon it is there this often, so a restarted compute daemon finds it.
+    # Interval of an idle worker's heartbeat to the compute daemon, so a restarted compute daemon finds it.
     heartbeat_s: float = 1.0
     stop_timeout_s: float = 10.0
     # numba compiles the kernels once per machine and caches them; the first compile is slow.

@@ -99,9 +99,9 @@ class PreviousTokenPredictor(Predictor):
 class TransitionPredictor(Predictor):
     """Learns online which experts follow which.
 
-    Two count tables: within a token, expert a at layer l and expert b at a later layer m
-    (cross-layer co-activation); across tokens, expert a at layer l of one token and
-    expert b at layer l of the next (temporal reuse). A coming layer m of the same token
+    Two count tables. Within a token, one counts expert a at layer l with expert b at a
+    later layer m (cross-layer co-activation). Across tokens, the other counts expert a at
+    layer l of one token with expert b at layer l of the next (temporal reuse). A coming layer m of the same token
     is scored from the current layer's experts; a layer that wraps to the next token is
     scored from this token's experts at that layer.
     """
@@ -174,9 +174,11 @@ def make_predictor(kind: str, n_layers: int, n_experts: int) -> Predictor:
 
 
 def evaluate(predictor: Predictor, access_steps: list[tuple[int, int, list[int]]], lookahead: int, max_hints: int) -> dict[int, dict[str, float]]:
-    """Replay (token, layer, expert ids) steps through a predictor; for each lookahead
-    distance d, return precision (hinted experts that were used d steps later) and
-    recall (used experts that were hinted d steps earlier)."""
+    """Replay (token, layer, expert ids) steps through a predictor and score its hints.
+
+    For each lookahead distance d, precision is the share of hinted experts used d steps
+    later, and recall the share of used experts that were hinted d steps earlier. Returns
+    {d: {"precision": ..., "recall": ...}}."""
     hinted: dict[int, list[set[int]]] = {d: [] for d in range(1, lookahead + 1)}
     for token, layer, expert_ids in access_steps:
         predictor.observe(token, layer, expert_ids)

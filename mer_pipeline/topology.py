@@ -1,4 +1,4 @@
-"""What the machine offers: CPUs, NUMA nodes, free memory and /dev/shm space.
+"""Machine resources: CPUs, NUMA nodes, free memory and /dev/shm space.
 
 The launcher checks a config against these before it starts anything.
 """
