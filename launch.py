@@ -487,11 +487,17 @@ def launch(
     name: Optional[str] = typer.Option(None, help="pipeline name (default: the topology's)"),
     log_level: Optional[str] = typer.Option(None, help="daemon log level: DEBUG, INFO, WARNING or ERROR (sets runtime.log_level)"),
     metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on 127.0.0.1:PORT (0: a free port); off when absent"),
+    compute_during_read: Optional[bool] = typer.Option(
+        None,
+        "--compute-during-read/--compute-after-read",
+        help="whether a worker computes on an expert's bytes while they are read (sets workers.compute_during_read)",
+    ),
 ) -> None:
     overrides = {
         "store": store, "pool.slots": slots, "pool.memory_gib": memory_gib, "predictor.kind": predictor,
         "io.eviction": eviction, "workers.count": workers, "io.engine": io_engine, "io.direct": direct,
         "runtime.socket_dir": socket_dir, "name": name, "runtime.log_level": log_level,
+        "workers.compute_during_read": compute_during_read,
     }
     try:
         config = load_config(topology_name, overrides)

@@ -6,10 +6,16 @@ policy, the hit rate and its ratio to Belady's hit rate computed here on the sam
 sequence. Traces: the bundled Mixtral decode trace and synthetic traces of the same
 shape that no policy was tuned on (uniform, zipf:S skew, markov:P token-to-token reuse).
 
-Besides the runtime's policies, one reference row: `oracle-next-visit` is the `layer`
-policy told, for every cached expert, whether it is used at the next visit of its layer.
-No online policy has that knowledge, so its ratio is a ceiling for policies that
-forecast one visit ahead.
+Besides the runtime's policies, reference rows that see part of the future, which no
+online policy does:
+
+    oracle-next-visit  the `layer` policy told, for every cached expert, whether it is used
+                       at the next visit of its layer. It is a ceiling for one-visit forecasts.
+    oracle-window:W    told the exact next use of every cached expert if it falls within
+                       the next W tokens (W visits of each layer). It evicts an expert with
+                       no use in the window, the `layer` policy choosing among those, else
+                       the expert whose next use comes last. The rows show how many tokens
+                       of foresight it takes to reach 0.9 x Belady.
 
     .venv/bin/python benchmarks/bench_eviction.py [--trace FILE] [--tokens 340] [--json]
 """
@@ -20,8 +26,18 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
-from mer_pipeline.eviction import LayerPolicy, belady_hit_rate, lru_hit_rate, make_policy, simulate
+import numpy as np
+
+from mer_pipeline.eviction import (
+    LAYER_SHARE_HALF_LIFE_VISITS,
+    LayerPolicy,
+    belady_hit_rate,
+    lru_hit_rate,
+    make_policy,
+    simulate,
+)
 from mer_pipeline.main_job import BUNDLED_TRACE
 from mer_pipeline.trace import Trace, load_trace, synthetic_trace
 
@@ -29,6 +45,7 @@ SHARES = (0.25, 0.5, 0.75)
 SYNTHETIC = ("uniform", "zipf:1.2", "markov:0.5", "markov:0.8")
 # A forecast of "not used" still leaves a small value, so ties break by layer distance.
 ORACLE_UNUSED_PROBABILITY = 0.05
+WINDOW_SIZES_TOKENS = (1, 2, 4, 8)
 
 
 class NextVisitOracle(LayerPolicy):
@@ -38,11 +55,13 @@ class NextVisitOracle(LayerPolicy):
 
     def __init__(self, trace: Trace) -> None:
         super().__init__(trace.n_layers, trace.n_experts)
-        self._used_at: dict[tuple[int, int], set[int]] = {}
+        # Per token, whether each expert id is used. The extra last row, all False, is
+        # the token after the end of the trace.
+        self._used_at = np.zeros((len(trace.tokens) + 1, trace.n_layers * trace.n_experts), dtype=bool)
         self._step_of_access: list[tuple[int, int]] = []
         for token_index, token in enumerate(trace.tokens):
             for layer, experts in zip(token.layers, token.experts):
-                self._used_at[(token_index, layer)] = {layer * trace.n_experts + e for e in experts}
+                self._used_at[token_index, [layer * trace.n_experts + e for e in experts]] = True
                 self._step_of_access += [(token_index, layer)] * len(experts)
         self._position = 0
 
@@ -50,11 +69,64 @@ class NextVisitOracle(LayerPolicy):
         super().record_access(expert)
         self._position += 1
 
-    def _use_probability(self, expert: int) -> float:
+    def _use_probabilities(self, experts: np.ndarray) -> np.ndarray:
         token_index, layer = self._step_of_access[self._position - 1]
-        expert_layer = expert // self.n_experts
-        next_token = token_index if expert_layer > layer else token_index + 1
-        return 1.0 if expert in self._used_at.get((next_token, expert_layer), ()) else ORACLE_UNUSED_PROBABILITY
+        # The next visit of a later layer is in this token, of any other layer in the next.
+        next_tokens = np.where(experts // self.n_experts > layer, token_index, token_index + 1)
+        return np.where(self._used_at[next_tokens, experts], 1.0, ORACLE_UNUSED_PROBABILITY)
+
+
+class WindowOracle(LayerPolicy):
+    """The `layer` policy plus the exact next use of each cached expert within `window_tokens`.
+
+    The window runs from the access being served to the same layer `window_tokens` tokens
+    later, so it contains `window_tokens` visits of every layer, and also the rest of the
+    current layer's top-k, which the router picks at once. Beyond the window the policy
+    sees nothing. It assumes, as `simulate` does, that `choose_victim` serves the access
+    after the last recorded one.
+    """
+
+    def __init__(self, trace: Trace, window_tokens: int) -> None:
+        super().__init__(trace.n_layers, trace.n_experts, share_half_life_visits=LAYER_SHARE_HALF_LIFE_VISITS)
+        self.name = f"oracle-window:{window_tokens}"
+        self._window_steps = window_tokens * trace.n_layers
+        ids = trace.access_ids()
+        # Layer step of each access, plus a sentinel step past any window for "no next use".
+        steps = [
+            token_index * trace.n_layers + layer
+            for token_index, token in enumerate(trace.tokens)
+            for layer, experts in zip(token.layers, token.experts)
+            for _ in experts
+        ]
+        self._step_of_access = np.array(steps + [1 << 62], dtype=np.int64)
+        self._next_use_of_access = _next_use_indices(ids)
+        # The next use (access index) of each expert after its last recorded access.
+        self._next_use = np.full(trace.n_layers * trace.n_experts, len(ids), dtype=np.int64)
+        self._position = 0
+
+    def record_access(self, expert: int) -> None:
+        super().record_access(expert)
+        self._next_use[expert] = self._next_use_of_access[self._position]
+        self._position += 1
+
+    def choose_victim(self, candidates: Sequence[int]) -> int:
+        ids = np.asarray(candidates, dtype=np.int64)
+        next_uses = self._next_use[ids]
+        current_step = self._step_of_access[min(self._position, len(self._step_of_access) - 2)]
+        unseen = self._step_of_access[next_uses] > current_step + self._window_steps
+        if unseen.any():
+            return super().choose_victim([int(expert) for expert in ids[unseen]])
+        return int(ids[np.argmax(next_uses)])
+
+
+def _next_use_indices(ids: Sequence[int]) -> np.ndarray:
+    """Return, per access, the index of the next access to the same expert (len(ids) if none)."""
+    next_use = np.full(len(ids), len(ids), dtype=np.int64)
+    seen_at: dict[int, int] = {}
+    for index in range(len(ids) - 1, -1, -1):
+        next_use[index] = seen_at.get(ids[index], len(ids))
+        seen_at[ids[index]] = index
+    return next_use
 
 
 def policy_rows(trace: Trace) -> list[dict]:
@@ -70,6 +142,9 @@ def policy_rows(trace: Trace) -> list[dict]:
             "layer-nodecay": simulate(ids, capacity, LayerPolicy(trace.n_layers, trace.n_experts)),
             NextVisitOracle.name: simulate(ids, capacity, NextVisitOracle(trace)),
         }
+        for window_tokens in WINDOW_SIZES_TOKENS:
+            oracle = WindowOracle(trace, window_tokens)
+            results[oracle.name] = simulate(ids, capacity, oracle)
         for policy, hit_rate in results.items():
             rows.append({
                 "share": share,

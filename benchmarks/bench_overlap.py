@@ -4,7 +4,8 @@ I/O-only bounds, measured in the same run.
 The store holds Mixtral-shaped q4_0 experts (d_model 4096, d_ff 14336, 8 layers x 8
 experts, about 6.3 GB). The benchmark streams the first 8 layers of the bundled Mixtral
 decode trace through the pipeline, with the pool at each cache share and each
-configuration (eviction policy, predictor, prefetch admission). Per run it reports the
+configuration (eviction policy, predictor, prefetch admission, and whether workers
+compute on an expert while it is read or only after). Per run it reports the
 hit rate, the share of would-be misses that prefetch hid fully or partly, io_share and
 tokens/s, and:
 
@@ -36,7 +37,9 @@ import dataclasses
 import json
 import mmap
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,13 +58,18 @@ from mer_pipeline.trace import Trace, TokenRouting, load_trace
 SHARES = (0.25, 0.5)
 WARMUP_TOKENS = 3
 BANDWIDTH_EXPERTS = 8
-# name -> (eviction, predictor, prefetch_max_inflight, prefetch_deadline_slack)
+# name -> (eviction, predictor, prefetch_max_inflight, prefetch_deadline_slack,
+# compute_during_read). `lru/none/after-read` is a plain expert cache: LRU, no prefetch,
+# the kernel starts once the whole expert is read.
 CONFIGS = {
-    "lru/none": ("lru", "none", 2, 1.0),
-    "layer/none": ("layer", "none", 2, 1.0),
-    "layer/transition": ("layer", "transition", 2, 1.0),
-    "layer/transition-unlimited": ("layer", "transition", 64, 0.0),
+    "lru/none/after-read": ("lru", "none", 2, 1.0, False),
+    "lru/none": ("lru", "none", 2, 1.0, True),
+    "layer/none": ("layer", "none", 2, 1.0, True),
+    "layer/transition": ("layer", "transition", 2, 1.0, True),
+    "layer/transition/after-read": ("layer", "transition", 2, 1.0, False),
+    "layer/transition-unlimited": ("layer", "transition", 64, 0.0, True),
 }
+DEFAULT_CONFIGS = ("lru/none/after-read", "layer/transition/after-read", "layer/none", "layer/transition")
 COUNTERS = (
     "lookups", "hits", "misses", "misses_hidden", "misses_partly_hidden", "misses_not_hidden",
     "prefetch_issued", "prefetch_useful", "prefetch_wasted", "prefetch_skipped_inflight",
@@ -78,12 +86,13 @@ def first_layers(trace: Trace, n_layers: int, tokens: slice) -> Trace:
     return Trace(n_layers, trace.n_experts, trace.top_k, kept, 0)
 
 
-def topology_file(directory: Path, eviction: str, predictor: str, max_inflight: int, slack: float) -> Path:
+def topology_file(directory: Path, eviction: str, predictor: str, max_inflight: int, slack: float, during_read: bool) -> Path:
     path = directory / "overlap.toml"
     path.write_text(
         "numa_node = 0\n"
         f'[io]\neviction = "{eviction}"\nprefetch_max_inflight = {max_inflight}\nprefetch_deadline_slack = {slack}\n'
         f'[predictor]\nkind = "{predictor}"\n'
+        f"[workers]\ncompute_during_read = {'true' if during_read else 'false'}\n"
     )
     return path
 
@@ -192,9 +201,18 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="an existing store of 8 layers x 8 experts (kept)")
     parser.add_argument("--tokens", type=int, default=12, help="measured tokens per run (after 3 warm-up tokens)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations to run")
+    parser.add_argument(
+        "--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated configurations to run, of: {', '.join(CONFIGS)}"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the pipeline in flight is stopped and its shared
+    # memory and temporary store are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    names = args.configs.split(",")
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
 
     with tempfile.TemporaryDirectory(prefix="mer-bench-overlap-", dir="/var/tmp") as tmp_name:
         tmp = Path(tmp_name)
@@ -219,7 +237,7 @@ def main() -> None:
                 mmap_result = run_mmap(store, measured, warmup, slots)
                 samples.add(f"{share}/mmap/tokens_per_s", mmap_result["tokens_per_s"])
                 samples.add(f"{share}/mmap/hit_rate", mmap_result["hit_rate"])
-                for name in args.configs.split(","):
+                for name in names:
                     summary = run_pipeline(store_path, tmp, slots, CONFIGS[name], warmup, measured)
                     io = summary["io"]
                     would_miss = io["misses"] + io["misses_hidden"]
@@ -231,6 +249,8 @@ def main() -> None:
                     samples.add(f"{key}/hidden", io["misses_hidden"] / would_miss if would_miss else 0.0)
                     samples.add(f"{key}/partly_hidden", io["misses_partly_hidden"] / would_miss if would_miss else 0.0)
                     samples.add(f"{key}/read_gib", io["io_bytes"] / 2**30)
+                    misses = summary["misses"]
+                    samples.add(f"{key}/computed_during_read", summary["computed_during_read"] / misses if misses else 0.0)
                     lead = summary["stages"].get("prefetch_lead", {}).get("p50_us", 0.0)
                     read = summary["stages"].get("prefetch_read", {}).get("p50_us", 0.0)
                     samples.add(f"{key}/prefetch_lead_p50_ms", lead / 1000)

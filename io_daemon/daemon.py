@@ -3,7 +3,9 @@
 It serves, on a ROUTER socket at SOCKET_DIR/io.sock:
 
     LeaseRequest  -> LeaseGranted at once on a hit; on a miss after a demand read, or
-                     LeaseFailed (bad id, read error, checksum mismatch, time-out)
+                     LeaseFailed (bad id, read error, checksum mismatch, time-out). With
+                     `stream`, a miss first gets LoadStarted when its read is in flight;
+                     the slot's ready_bytes then counts the region's bytes that have arrived
     Release       drops one lease (no reply)
     PrefetchHint  loads an expert early when a slot is free or its victim is needed
                   later than the hint (no reply)
@@ -27,6 +29,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -37,7 +40,7 @@ from mer_pipeline.expert_reader import DEMAND, PREFETCH, ExpertRead, ExpertReade
 from mer_pipeline.histograms import StageHistograms
 from mer_pipeline.observe.spans import SpanRecorder
 from mer_pipeline.slot_pool import EMPTY, LOADING, MAX_WORKERS, READY, SlotPool, SlotStateError
-from mer_pipeline.store import Store, checksum_bytes, open_store
+from mer_pipeline.store import Store, checksum_hasher, open_store
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ COUNTER_NAMES = (
     "bad_messages",
     "release_errors",
     "slot_waits",
+    # LoadStarted replies sent to streaming lease requests.
+    "loads_started_sent",
 )
 
 
@@ -93,6 +98,7 @@ class Waiter:
     expert: int
     received_ns: int
     deadline_s: float
+    stream: bool = False
 
 
 @dataclasses.dataclass
@@ -103,8 +109,15 @@ class Load:
     read: ExpertRead
     waiters: list[Waiter]
     prefetch: bool
+    generation: int
     # When the hint that started this read arrived (monotonic ns); 0 for a demand read.
     hint_ns: int = 0
+    # ready_bytes last written to the slot table.
+    published_bytes: int = 0
+    # The checksum of the region's prefix, updated as the prefix grows, so that little
+    # is left to hash when the read completes.
+    hasher: Any = dataclasses.field(default_factory=checksum_hasher)
+    hashed_bytes: int = 0
 
 
 class IoDaemon:
@@ -216,6 +229,7 @@ class IoDaemon:
             if self.reader.fileno() in events:
                 for read in self.reader.reap():
                     self._on_read_finished(read)
+                self._publish_progress()
             if self.socket in events:
                 self._handle_messages()
             self._expire_waiters()
@@ -297,6 +311,7 @@ class IoDaemon:
             request.expert,
             time.monotonic_ns(),
             time.monotonic() + self.config.runtime.request_timeout_s,
+            request.stream,
         )
         slot = self.slot_of.get(request.expert)
         if slot is not None and self.table.state(slot) == READY:
@@ -326,6 +341,7 @@ class IoDaemon:
                 self.counters["prefetch_late"] += 1
                 self.reader.promote(load.read)
             load.waiters.append(waiter)
+            self._send_load_started(waiter, load)
             return
         slot = self._acquire_slot()
         if slot is None:
@@ -333,6 +349,33 @@ class IoDaemon:
             self.waiting.append(waiter)
             return
         self._start_load(waiter.expert, slot, DEMAND, [waiter])
+
+    def _send_load_started(self, waiter: Waiter, load: Load) -> None:
+        """Tell a streaming request that its expert's read is in flight into `load.slot`."""
+        if not waiter.stream:
+            return
+        self.counters["loads_started_sent"] += 1
+        self._send(waiter.envelope, wire.LoadStarted(waiter.request_id, waiter.expert, load.slot, load.generation))
+
+    def _publish_progress(self) -> None:
+        """Write each read's contiguous prefix to its slot's ready_bytes and hash the new bytes."""
+        for load in self.loads.values():
+            ready_bytes = load.read.ready_bytes
+            if ready_bytes > load.published_bytes:
+                self.table.set_ready_bytes(load.slot, ready_bytes)
+                load.published_bytes = ready_bytes
+                self._hash_prefix(load, ready_bytes)
+
+    def _hash_prefix(self, load: Load, end_bytes: int) -> None:
+        """Add the slot's bytes from load.hashed_bytes to `end_bytes` to the load's checksum."""
+        if end_bytes <= load.hashed_bytes:
+            return
+        view = self.pool.slot_view(load.slot)
+        try:
+            load.hasher.update(view[load.hashed_bytes : end_bytes])
+        finally:
+            view.release()
+        load.hashed_bytes = end_bytes
 
     def _grant(self, waiter: Waiter, slot: int, hit: bool) -> None:
         generation = self.table.lease(slot, waiter.worker)
@@ -437,7 +480,7 @@ class IoDaemon:
 
     def _start_load(self, expert: int, slot: int, priority: int, waiters: list[Waiter]) -> None:
         entry = self.store.entry(expert)
-        self.table.begin_load(slot, expert)
+        generation = self.table.begin_load(slot, expert)
         if expert in self.pinned_experts:
             self.table.set_pinned(slot, True)
         self.slot_of[expert] = slot
@@ -449,8 +492,10 @@ class IoDaemon:
             dest=self.pool.slot_view(slot),
             priority=priority,
         )
-        self.loads[expert] = Load(slot, read, waiters, prefetch=priority == PREFETCH)
+        load = self.loads[expert] = Load(slot, read, waiters, prefetch=priority == PREFETCH, generation=generation)
         self.reader.submit(read)
+        for waiter in waiters:
+            self._send_load_started(waiter, load)
 
     def _on_read_finished(self, read: ExpertRead) -> None:
         expert = read.tag
@@ -473,7 +518,7 @@ class IoDaemon:
         if error is not None:
             self.counters["read_errors"] += 1
         else:
-            error = self._verify(expert, slot)
+            error = self._verify(expert, load)
         if error is not None:
             self.table.fail_load(slot)
             del self.slot_of[expert]
@@ -494,13 +539,11 @@ class IoDaemon:
             self._grant(waiter, slot, hit=False)
             self.histograms.record_us("slot_ready", (time.monotonic_ns() - completed_ns) / 1000)
 
-    def _verify(self, expert: int, slot: int) -> str | None:
+    def _verify(self, expert: int, load: Load) -> str | None:
+        """Finish the load's checksum over the whole region; return an error if it does not match."""
         entry = self.store.entry(expert)
-        view = self.pool.slot_view(slot)
-        try:
-            actual = checksum_bytes(view[: entry.length])
-        finally:
-            view.release()
+        self._hash_prefix(load, entry.length)
+        actual = load.hasher.hexdigest()
         if actual != entry.checksum:
             self.counters["checksum_errors"] += 1
             return (

@@ -25,6 +25,8 @@ import math
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
+import numpy as np
+
 # The `layer` policy's half-life of per-expert shares, in visits of the expert's layer. On
 # the bundled Mixtral trace it raised the hit rate at 25% of experts cached from 0.386 to
 # 0.394 (benchmarks/bench_eviction.py, layer vs layer-nodecay).
@@ -40,6 +42,15 @@ def _gap_bucket(gap: int) -> int:
         if gap >= edge:
             bucket = index
     return bucket
+
+
+# `_gap_bucket` of gaps 0 up to the last edge. Larger gaps share the last edge's bucket.
+_GAP_BUCKET_TABLE = np.array([_gap_bucket(gap) for gap in range(_GAP_BUCKET_EDGES[-1] + 1)])
+
+
+def _gap_buckets(gaps: np.ndarray) -> np.ndarray:
+    """Return `_gap_bucket` of each gap (at least 0)."""
+    return _GAP_BUCKET_TABLE[np.minimum(gaps, _GAP_BUCKET_EDGES[-1])]
 
 
 class EvictionPolicy:
@@ -96,6 +107,9 @@ class LayerPolicy(EvictionPolicy):
     used at a visit, with a prior shared by all layers. Per expert, the share of its
     layer's visits that used it, shrunk toward the uniform share `1 / n_experts` with
     `share_prior_visits` pseudo-visits.
+
+    The state is kept in NumPy arrays because `choose_victim` scores every expert in the
+    pool at each miss.
     """
 
     name = "layer"
@@ -117,18 +131,19 @@ class LayerPolicy(EvictionPolicy):
         # Per visit of its layer, an expert's use count and its layer's visit count are
         # multiplied by `_decay`, so the share follows a change of workload (0: no decay).
         self._decay = 0.5 ** (1.0 / share_half_life_visits) if share_half_life_visits > 0 else 1.0
-        self._uses = [0.0] * (n_layers * n_experts)
-        self._decayed_visits = [0.0] * n_layers
+        self._uses = np.zeros(n_layers * n_experts)
+        self._decayed_visits = np.zeros(n_layers)
         n_buckets = len(_GAP_BUCKET_EDGES)
-        self._visits = [0] * n_layers
+        self._visits = np.zeros(n_layers, dtype=np.int64)
         self._current_layer = n_layers - 1
         self._current_visit_experts: set[int] = set()
-        self._last_visit_used: dict[int, int] = {}
+        # The visit of its layer at which each expert was last used (-1 if never used).
+        self._last_visit_used = np.full(n_layers * n_experts, -1, dtype=np.int64)
         # Exposure and use counts per (layer, gap bucket), and summed over layers.
-        self._seen = [[0] * n_buckets for _ in range(n_layers)]
-        self._used = [[0] * n_buckets for _ in range(n_layers)]
-        self._seen_all = [0] * n_buckets
-        self._used_all = [0] * n_buckets
+        self._seen = np.zeros((n_layers, n_buckets), dtype=np.int64)
+        self._used = np.zeros((n_layers, n_buckets), dtype=np.int64)
+        self._seen_all = np.zeros(n_buckets, dtype=np.int64)
+        self._used_all = np.zeros(n_buckets, dtype=np.int64)
 
     def _layer(self, expert: int) -> int:
         if not 0 <= expert < len(self._uses):
@@ -138,22 +153,25 @@ class LayerPolicy(EvictionPolicy):
             )
         return expert // self.n_experts
 
+    def _expert_array(self, experts: Sequence[int]) -> np.ndarray:
+        """Convert `experts` to an index array, raising ValueError on an id outside the model."""
+        ids = np.asarray(experts, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self._uses)):
+            self._layer(int(ids[(ids < 0) | (ids >= len(self._uses))][0]))
+        return ids
+
     def _start_visit(self, layer: int) -> None:
         """Count a finished visit of `layer` for every expert of the layer that was used before."""
         self._visits[layer] += 1
-        visit = self._visits[layer]
+        visit = int(self._visits[layer])
         base = layer * self.n_experts
         self._decayed_visits[layer] = self._decayed_visits[layer] * self._decay + 1.0
         if self._decay != 1.0:
-            for expert in range(base, base + self.n_experts):
-                self._uses[expert] *= self._decay
-        for expert in range(base, base + self.n_experts):
-            last = self._last_visit_used.get(expert)
-            if last is None:
-                continue
-            bucket = _gap_bucket(visit - last)
-            self._seen[layer][bucket] += 1
-            self._seen_all[bucket] += 1
+            self._uses[base : base + self.n_experts] *= self._decay
+        last = self._last_visit_used[base : base + self.n_experts]
+        buckets = _gap_buckets(visit - last[last >= 0])
+        np.add.at(self._seen[layer], buckets, 1)
+        np.add.at(self._seen_all, buckets, 1)
 
     def record_access(self, expert: int) -> None:
         layer = self._layer(expert)
@@ -164,50 +182,51 @@ class LayerPolicy(EvictionPolicy):
         self._current_visit_experts.add(expert)
         self._uses[expert] += 1
         visit = self._visits[layer]
-        last = self._last_visit_used.get(expert)
-        if last is not None and last < visit:
-            bucket = _gap_bucket(visit - last)
-            self._used[layer][bucket] += 1
+        last = self._last_visit_used[expert]
+        if 0 <= last < visit:
+            bucket = _gap_bucket(int(visit - last))
+            self._used[layer, bucket] += 1
             self._used_all[bucket] += 1
         self._last_visit_used[expert] = visit
 
-    def _use_probability(self, expert: int) -> float:
-        """Estimate the probability that `expert` is used at the next visit of its layer."""
-        layer = self._layer(expert)
-        bucket = _gap_bucket(self._next_gap(expert, layer))
-        prior_rate = (self._used_all[bucket] + 1.0) / (self._seen_all[bucket] + 2.0)
-        gap_rate = (self._used[layer][bucket] + self.prior_weight * prior_rate) / (
-            self._seen[layer][bucket] + self.prior_weight
-        )
+    def _use_probabilities(self, experts: np.ndarray) -> np.ndarray:
+        """Estimate, per expert, the probability that it is used at the next visit of its layer."""
+        layers = experts // self.n_experts
+        last = self._last_visit_used[experts]
+        # The gap as seen at the next visit. An expert never used falls in the last bucket.
+        gaps = np.where(last >= 0, self._visits[layers] + 1 - last, 1 << 20)
+        prior_rates = (self._used_all + 1.0) / (self._seen_all + 2.0)
+        gap_rates = (self._used + self.prior_weight * prior_rates) / (self._seen + self.prior_weight)
         uniform_share = 1.0 / self.n_experts
-        share = (self._uses[expert] + self.share_prior_visits * uniform_share) / (
-            self._decayed_visits[layer] + self.share_prior_visits
+        shares = (self._uses[experts] + self.share_prior_visits * uniform_share) / (
+            self._decayed_visits[layers] + self.share_prior_visits
         )
-        return min(gap_rate * share / uniform_share, 1.0)
+        return np.minimum(gap_rates[layers, _gap_buckets(gaps)] * shares / uniform_share, 1.0)
 
-    def _steps_until_visit(self, layer: int) -> int:
-        """Layer steps until `layer` is visited again (the current layer: one whole cycle)."""
-        steps = (layer - self._current_layer) % self.n_layers
-        return steps or self.n_layers
+    def _steps_until_visit(self, layers: np.ndarray) -> np.ndarray:
+        """Layer steps until each layer is visited again (the current layer: one whole cycle)."""
+        steps = (layers - self._current_layer) % self.n_layers
+        return np.where(steps == 0, self.n_layers, steps)
 
-    def _next_gap(self, expert: int, layer: int) -> int:
-        """Visits since last use as seen at the next visit of the expert's layer."""
-        last = self._last_visit_used.get(expert)
-        if last is None:
-            return 1 << 20
-        return self._visits[layer] + 1 - last
+    def values_per_step(self, experts: Sequence[int]) -> np.ndarray:
+        """Expected uses per layer step kept in the pool, per expert: the eviction score (lowest goes)."""
+        ids = self._expert_array(experts)
+        return self._use_probabilities(ids) / self._steps_until_visit(ids // self.n_experts)
 
     def value_per_step(self, expert: int) -> float:
         """Expected uses per layer step kept in the pool: the eviction score (lowest goes)."""
-        return self._use_probability(expert) / self._steps_until_visit(self._layer(expert))
+        return float(self.values_per_step([expert])[0])
 
     def choose_victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=self.value_per_step)
+        # argmin takes the first of equal scores, so ties go to the earliest candidate.
+        return candidates[int(np.argmin(self.values_per_step(candidates)))]
 
     def reuse_distance_steps(self, expert: int) -> float:
         # Visits until use follow a geometric law with the next visit's use probability.
-        probability = max(self._use_probability(expert), 1e-6)
-        return self._steps_until_visit(self._layer(expert)) + self.n_layers * (1.0 - probability) / probability
+        ids = self._expert_array([expert])
+        probability = max(float(self._use_probabilities(ids)[0]), 1e-6)
+        steps = int(self._steps_until_visit(ids // self.n_experts)[0])
+        return steps + self.n_layers * (1.0 - probability) / probability
 
 
 def make_policy(name: str, n_layers: int, n_experts: int) -> EvictionPolicy:

@@ -86,10 +86,20 @@ class ExpertRead:
     submitted_ns: int = 0
     completed_ns: int = 0
     error: str | None = None
+    # Bytes from the region's start that are read (the contiguous prefix). Requests
+    # complete out of order, so a finished request past the prefix waits in _done_ends.
+    ready_bytes: int = 0
     # Bytes of the region not yet cut into requests, and requests cut but not finished
     # (in flight or waiting for resubmission).
     _next_byte: int = 0
     _outstanding: int = 0
+    _done_ends: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def _mark_done(self, start: int, end: int) -> None:
+        """Record that region bytes [start, end) are read and advance `ready_bytes`."""
+        self._done_ends[start] = end
+        while self.ready_bytes in self._done_ends:
+            self.ready_bytes = self._done_ends.pop(self.ready_bytes)
 
     @property
     def unsubmitted(self) -> bool:
@@ -103,6 +113,10 @@ class _Request:
     dest: memoryview
     needed_bytes: int
     direct: bool
+    # The region bytes [region_start, region_end) this request was cut for; a short
+    # read's remainder keeps them.
+    region_start: int = 0
+    region_end: int = 0
     counts_as_prefetch: bool = False
 
 
@@ -363,6 +377,7 @@ class ExpertReader:
             self.stats.io_bytes += request.needed_bytes
             if request.direct:
                 data_file.direct_confirmed = True
+            read._mark_done(request.region_start, request.region_end)
 
         read._outstanding -= 1
         if read._outstanding == 0 and (read.error is not None or read._next_byte >= read.length):
@@ -422,7 +437,9 @@ class ExpertReader:
         data_file = self._files[Path(read.path)]
         if read.submitted_ns == 0:
             read.submitted_ns = time.monotonic_ns()
-        return _Request(read, read.offset + start, read.dest[start : start + needed], needed, data_file.direct)
+        return _Request(
+            read, read.offset + start, read.dest[start : start + needed], needed, data_file.direct, start, start + needed
+        )
 
     def _stage(self, request: _Request) -> None:
         data_file = self._files[Path(request.read.path)]

@@ -19,11 +19,11 @@ SIGNIFICANT_DIGITS = 3
 # Stages in pipeline order, with what each one measures.
 STAGES = {
     "dispatch": "client request received to its first task sent (compute daemon)",
-    "lease_wait": "worker lease request sent to lease granted (worker)",
+    "lease_wait": "worker lease request sent to lease granted, less kernel time during the read (worker)",
     "io_queue": "read queued to first request submitted (I/O daemon)",
     "io_device": "first request submitted to last completion of an expert read (I/O daemon)",
     "slot_ready": "read complete to lease granted to the waiting worker (I/O daemon)",
-    "compute_expert": "kernel time for one expert task (worker)",
+    "compute_expert": "kernel time for one expert task, time during the read included (worker)",
     "task_round_trip": "task sent to a worker to its result received, lease and kernel included (compute daemon)",
     "task_overhead": "task round trip minus the worker's kernel time: messages, lease and copies (compute daemon)",
     "layer_step": "one layer step of one token, all its experts (compute daemon)",

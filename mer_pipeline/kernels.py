@@ -371,6 +371,22 @@ def _matvec(code, w, cols, x, out):
         _rows(code, w, 0, rows, cols, item, x, xsum, out)
 
 
+@njit(cache=True)
+def _silu_mul(gate, up, first_row, end_row):
+    """gate[:, first_row:end_row] = silu(gate) * up, one scalar loop per token."""
+    for t in range(gate.shape[0]):
+        for i in range(first_row, end_row):
+            g = gate[t, i]
+            gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+@njit(cache=True)
+def _rows_span(code, region, w_off, rows, cols, first_item, end_item, x, xsum, out):
+    """Compute work items first_item .. end_item - 1 of one matrix on this thread."""
+    for item in range(first_item, end_item):
+        _rows(code, region, w_off, rows, cols, item, x, xsum, out)
+
+
 @njit(parallel=True, cache=True)
 def _swiglu(code, region, gate_off, up_off, down_off, d_model, d_ff, x, out):
     n_tokens = x.shape[0]
@@ -382,10 +398,7 @@ def _swiglu(code, region, gate_off, up_off, down_off, d_model, d_ff, x, out):
     for item in prange(_items(d_ff)):
         _rows(code, region, gate_off, d_ff, d_model, item, x, xsum, gate)
         _rows(code, region, up_off, d_ff, d_model, item, x, xsum, up)
-        for t in range(n_tokens):
-            for i in range(rows_per_item * item, min(rows_per_item * (item + 1), d_ff)):
-                g = gate[t, i]
-                gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+        _silu_mul(gate, up, rows_per_item * item, min(rows_per_item * (item + 1), d_ff))
 
     hsum = _block_sums(gate, d_ff // BLOCK if quantized else 0)
     for item in prange(_items(d_model)):
@@ -454,6 +467,76 @@ def swiglu(region, layout: quant.ExpertLayout, x) -> np.ndarray:
     return out[0].copy() if single else out
 
 
+class SwigluProgress:
+    """The SwiGLU of one expert computed while its region is still being read.
+
+    The region arrives front to back: gate, then up, then down. Each `advance` computes
+    the 32-row work items whose bytes lie below `ready_bytes`: gate rows, then up rows,
+    then the SiLU product, then down rows. Every row runs the same code as in `swiglu`
+    (one thread), so the result has the same bits.
+    """
+
+    def __init__(self, layout: quant.ExpertLayout, x) -> None:
+        self.layout = layout
+        self._code = _DTYPE_CODES[layout.dtype]
+        self._tokens, self._single = _as_tokens(x, layout.d_model, "x")
+        n_tokens = self._tokens.shape[0]
+        self._quantized = layout.dtype != "f32"
+        self._xsum = _block_sums(self._tokens, layout.d_model // BLOCK if self._quantized else 0)
+        self._gate = np.empty((n_tokens, layout.d_ff), np.float32)
+        self._up = np.empty((n_tokens, layout.d_ff), np.float32)
+        self._hsum: np.ndarray | None = None
+        self._out = np.empty((n_tokens, layout.d_model), np.float32)
+        # (section, its rows as the kernel counts them, output array) in read order.
+        self._stages = (
+            (layout.gate, layout.d_ff, self._gate),
+            (layout.up, layout.d_ff, self._up),
+            (layout.down, layout.d_model, self._out),
+        )
+        self._stage = 0
+        self._next_item = 0
+
+    @property
+    def done(self) -> bool:
+        return self._stage == len(self._stages)
+
+    def _items_ready(self, section: quant.Section, rows: int, ready_bytes: int) -> int:
+        """Return how many work items of `section` lie wholly below `ready_bytes`."""
+        n_items = -(-rows // (_GROUPS_PER_ITEM * LANES))
+        if ready_bytes >= section.offset + section.nbytes:
+            return n_items
+        row_bytes = section.nbytes // quant.padded_rows(section.rows, self.layout.dtype)
+        return max(0, (ready_bytes - section.offset) // (_GROUPS_PER_ITEM * LANES * row_bytes))
+
+    def advance(self, region, ready_bytes: int) -> int:
+        """Compute every work item now readable; return how many were computed."""
+        weights = _as_bytes(region)
+        ready_bytes = min(ready_bytes, weights.size)
+        computed = 0
+        while not self.done:
+            section, rows, out = self._stages[self._stage]
+            end_item = self._items_ready(section, rows, ready_bytes)
+            if end_item > self._next_item:
+                x, xsum = (self._tokens, self._xsum) if self._stage < 2 else (self._gate, self._hsum)
+                _rows_span(self._code, weights, section.offset, rows, section.cols, self._next_item, end_item, x, xsum, out)
+                computed += end_item - self._next_item
+                self._next_item = end_item
+            if self._next_item < -(-rows // (_GROUPS_PER_ITEM * LANES)):
+                break
+            self._stage += 1
+            self._next_item = 0
+            if self._stage == 2:
+                _silu_mul(self._gate, self._up, 0, self.layout.d_ff)
+                self._hsum = _block_sums(self._gate, self.layout.d_ff // BLOCK if self._quantized else 0)
+        return computed
+
+    def result(self) -> np.ndarray:
+        """Return the output, shaped like `swiglu`'s; only once `done`."""
+        if not self.done:
+            raise RuntimeError("the SwiGLU is not complete: part of the expert region has not been computed")
+        return self._out[0].copy() if self._single else self._out
+
+
 def set_num_threads(n: int) -> None:
     """Set the threads that the kernels of this process use (1 to numba.config.NUMBA_NUM_THREADS)."""
     limit = numba.config.NUMBA_NUM_THREADS
@@ -472,5 +555,7 @@ def warmup() -> None:
     layout = quant.expert_layout(BLOCK, 2 * BLOCK, "q4_0")
     x = np.zeros((1, BLOCK), np.float32)
     swiglu(np.zeros(layout.region_bytes, np.uint8), layout, x)
+    progress = SwigluProgress(layout, x)
+    progress.advance(np.zeros(layout.region_bytes, np.uint8), layout.region_bytes)
     packed = np.zeros(quant.matrix_nbytes(LANES, BLOCK, "q4_0"), np.uint8)
     matvec(packed, LANES, BLOCK, "q4_0", x)

@@ -29,13 +29,16 @@ Table segment (little-endian, every field naturally aligned):
     24      4     lease_count  uint32  leases held, all workers together
     28      4     pinned       uint32  1: never evicted
     32      8     last_use     uint64  header tick of the latest lookup that hit this slot
-    40      24    (reserved)
+    40      8     ready_bytes  uint64  bytes from the region's start that a LOADING read has
+                                       already written (the contiguous prefix)
+    48      16    (reserved)
     64      64    worker_leases uint8[64]  leases held by each worker index
 
 Legal slot transitions (methods of SlotTable; any other raises SlotStateError and
 leaves the table unchanged):
 
-    EMPTY   --begin_load-->  LOADING   (a read is queued into the slot)
+    EMPTY   --begin_load-->  LOADING   (a read is queued into the slot; ready_bytes = 0)
+    LOADING --set_ready_bytes--> LOADING (more of the region's prefix has arrived)
     READY   --begin_load-->  LOADING   (eviction: only with lease_count 0 and not pinned)
     LOADING --finish_load--> READY     (every byte read and the checksum matched)
     LOADING --fail_load-->   EMPTY     (read error or checksum mismatch; adopting a table
@@ -57,6 +60,12 @@ Write order that keeps an unleased reader (a tool) safe, used like a seqlock:
 A reader reads generation and state, copies the data, then reads generation again; the
 copy is valid only if the state was READY and both generations are equal. On x86-64 the
 stores become visible in program order, which this relies on.
+
+Reading a LOADING slot (a worker computing while the read arrives): the I/O daemon sets
+ready_bytes only after the kernel has reported every byte of that prefix read, so the
+bytes below ready_bytes are final for this generation. Such a reader holds no lease. Its
+result counts only if it is later granted a lease on the same slot at the same
+generation, which proves that the slot was not failed or reloaded in between.
 """
 
 from __future__ import annotations
@@ -72,7 +81,7 @@ import posix_ipc
 log = logging.getLogger(__name__)
 
 TABLE_MAGIC = 0x544F4C53
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 HEADER_BYTES = 64
 RECORD_BYTES = 128
 PAGE_BYTES = 4096
@@ -96,9 +105,12 @@ HEADER_DTYPE = np.dtype(
 
 SLOT_DTYPE = np.dtype(
     {
-        "names": ["expert", "state", "generation", "lease_mask", "lease_count", "pinned", "last_use", "worker_leases"],
-        "formats": ["<i4", "<u4", "<u8", "<u8", "<u4", "<u4", "<u8", ("u1", MAX_WORKERS)],
-        "offsets": [0, 4, 8, 16, 24, 28, 32, 64],
+        "names": [
+            "expert", "state", "generation", "lease_mask", "lease_count", "pinned", "last_use", "ready_bytes",
+            "worker_leases",
+        ],
+        "formats": ["<i4", "<u4", "<u8", "<u8", "<u4", "<u4", "<u8", "<u8", ("u1", MAX_WORKERS)],
+        "offsets": [0, 4, 8, 16, 24, 28, 32, 40, 64],
         "itemsize": RECORD_BYTES,
     }
 )
@@ -152,6 +164,9 @@ class SlotTable:
     def generation(self, slot: int) -> int:
         return int(self.records[slot]["generation"])
 
+    def ready_bytes(self, slot: int) -> int:
+        return int(self.records[slot]["ready_bytes"])
+
     def lease_count(self, slot: int) -> int:
         return int(self.records[slot]["lease_count"])
 
@@ -200,7 +215,20 @@ class SlotTable:
         record["state"] = LOADING
         record["generation"] += 1
         record["expert"] = expert
+        record["ready_bytes"] = 0
         return int(record["generation"])
+
+    def set_ready_bytes(self, slot: int, ready_bytes: int) -> None:
+        """Publish that the first `ready_bytes` of a LOADING slot's region are read."""
+        self._check_slot(slot)
+        if self.state(slot) != LOADING:
+            raise SlotStateError(f"cannot publish read progress of {self.describe(slot)}: it is not LOADING")
+        record = self.records[slot]
+        if ready_bytes < int(record["ready_bytes"]):
+            raise SlotStateError(
+                f"cannot move ready_bytes of {self.describe(slot)} back from {int(record['ready_bytes'])} to {ready_bytes}"
+            )
+        record["ready_bytes"] = ready_bytes
 
     def finish_load(self, slot: int) -> None:
         """Mark a LOADING slot READY; its data must be complete and verified."""
@@ -230,6 +258,7 @@ class SlotTable:
         record["generation"] += 1
         record["expert"] = -1
         record["pinned"] = 0
+        record["ready_bytes"] = 0
 
     # --- leases ------------------------------------------------------------------
 

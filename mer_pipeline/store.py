@@ -46,6 +46,11 @@ def checksum_bytes(data: bytes | memoryview | np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+def checksum_hasher() -> "xxhash.xxh3_64":
+    """Return an incremental form of `checksum_bytes`: update() in order, then hexdigest()."""
+    return xxhash.xxh3_64()
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
     n_layers: int

@@ -269,6 +269,8 @@ def summarize_run(
         "prefetch_useful": io.get("prefetch_useful", 0),
         "prefetch_wasted": io.get("prefetch_wasted", 0),
         "prefetch_late": io.get("prefetch_late", 0),
+        # Expert tasks whose kernel ran while the expert was being read (workers.compute_during_read).
+        "computed_during_read": worker_totals.get("computed_during_read", 0),
         "io_path": after.io.counters.get("io_path", "unknown"),
         "io_reads": io.get("io_reads", 0),
         "io_bytes": io_bytes,

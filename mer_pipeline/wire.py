@@ -118,12 +118,17 @@ def bytes_to_array(data: bytes, rows: int, cols: int, where: str) -> np.ndarray:
 
 @dataclasses.dataclass
 class LeaseRequest(Message):
-    """A worker requests a read-only lease on the slot holding `expert`."""
+    """A worker requests a read-only lease on the slot holding `expert`.
+
+    With `stream`, the I/O daemon first replies LoadStarted to a miss once the expert's
+    read is in flight, so the worker can compute on the bytes that have arrived.
+    """
 
     TYPE: ClassVar[str] = "lease"
     request_id: int
     worker: int
     expert: int
+    stream: bool = False
 
 
 @dataclasses.dataclass
@@ -135,6 +140,21 @@ class LeaseGranted(Message):
     generation: int
     hit: bool
     wait_us: int
+
+
+@dataclasses.dataclass
+class LoadStarted(Message):
+    """The read of a streaming request's expert is in flight into `slot`; this is no lease.
+
+    While the slot is LOADING at `generation`, the worker may read the bytes below the
+    slot's ready_bytes. The LeaseGranted or LeaseFailed of the same request follows.
+    """
+
+    TYPE: ClassVar[str] = "load_started"
+    request_id: int
+    expert: int
+    slot: int
+    generation: int
 
 
 @dataclasses.dataclass

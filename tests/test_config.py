@@ -10,7 +10,7 @@ def test_numa0_loads_with_defaults():
     assert config.name == "numa0"
     assert config.numa_node == 0
     assert config.io.read_size_kib == 1024
-    assert config.predictor.kind == "transition"
+    assert config.predictor.kind == "none"
 
 
 def test_two_node_example_parses():
@@ -23,7 +23,7 @@ def test_overrides_apply_and_round_trip():
     config = load_config("numa0", {"pool.slots": 12, "io.eviction": "lru", "predictor.kind": None})
     assert config.pool.slots == 12
     assert config.io.eviction == "lru"
-    assert config.predictor.kind == "transition"
+    assert config.predictor.kind == "none"
     assert PipelineConfig.from_json(config.to_json()) == config
 
 

@@ -60,6 +60,7 @@ def check_reads_bit_identical(config: IoConfig, path: Path, expected_path: str) 
         assert sorted(read.tag for read in finished) == [0, 1, 2, 3]
         for read in finished:
             assert read.error is None
+            assert read.ready_bytes == read.length
         for tag, offset, length in regions:
             start = placements[tag]
             assert bytes(view[start : start + length]) == data[offset : offset + length], f"region {tag} differs"
@@ -237,10 +238,50 @@ def test_short_read_resubmits_remainder(data_file):
         (read,) = read_all(reader, 1)
         assert read.error is None
         assert bytes(view) == data[: 128 * KIB]
+        assert read.ready_bytes == 128 * KIB
         assert reader.stats.io_retries == 1
         assert reader.stats.io_requests == 3
     finally:
         del read
+        reader.close()
+        view.release()
+        buffer.close()
+
+
+def test_ready_bytes_is_the_contiguous_prefix():
+    read = ExpertRead(0, Path("unused"), 0, 12 * KIB, memoryview(b""))
+    read._mark_done(8 * KIB, 12 * KIB)
+    assert read.ready_bytes == 0
+    read._mark_done(0, 4 * KIB)
+    assert read.ready_bytes == 4 * KIB
+    read._mark_done(4 * KIB, 8 * KIB)
+    assert read.ready_bytes == 12 * KIB
+
+
+def test_ready_bytes_prefix_is_read_during_the_read(data_file):
+    """After every reap, the bytes below ready_bytes are already the file's."""
+    data = data_file.read_bytes()
+    reader = ExpertReader(IoConfig(engine="io_uring", direct="direct", ring_depth=4, read_size_kib=16), [data_file])
+    buffer = mmap.mmap(-1, 1024 * KIB)
+    view = memoryview(buffer)
+    read = ExpertRead(0, data_file, 0, 1024 * KIB, view)
+    seen: list[int] = []
+    try:
+        reader.submit(read)
+        deadline = time.monotonic() + TIMEOUT_S
+        finished: list[ExpertRead] = []
+        while not finished:
+            assert time.monotonic() < deadline, "the read did not finish"
+            select.select([reader.fileno()], [], [], 1.0)
+            finished = reader.reap()
+            ready_bytes = read.ready_bytes
+            assert bytes(view[:ready_bytes]) == data[:ready_bytes]
+            seen.append(ready_bytes)
+        assert seen == sorted(seen)
+        assert seen[-1] == 1024 * KIB
+        assert len(set(seen)) > 2, f"ready_bytes never advanced before the end: {seen}"
+    finally:
+        del finished
         reader.close()
         view.release()
         buffer.close()

@@ -226,6 +226,41 @@ def stop_daemon(process: subprocess.Popen, client: Client) -> int:
     return process.wait(timeout=EXIT_TIMEOUT_S)
 
 
+def test_streaming_miss_gets_load_started_then_that_slot(pipelines, context):
+    pipeline = pipelines()
+    process, client = start_daemon(pipeline, context)
+    client.send(wire.LeaseRequest(1, 0, 6, stream=True))
+    started = client.receive()
+    assert isinstance(started, wire.LoadStarted), started
+    assert (started.request_id, started.expert) == (1, 6)
+    granted = client.receive()
+    assert isinstance(granted, wire.LeaseGranted), granted
+    assert (granted.slot, granted.generation) == (started.slot, started.generation)
+    assert slot_bytes_of(pipeline, granted.slot, len(pipeline.regions[6])) == pipeline.regions[6]
+    client.send(wire.Release(0, granted.slot, granted.generation))
+    # A hit is granted at once, with no LoadStarted.
+    client.send(wire.LeaseRequest(2, 0, 6, stream=True))
+    hit = client.receive()
+    assert isinstance(hit, wire.LeaseGranted) and hit.hit
+    client.send(wire.Release(0, hit.slot, hit.generation))
+    assert client.stats()["loads_started_sent"] == 1
+    assert stop_daemon(process, client) == 0
+
+
+def test_streaming_damaged_expert_fails(pipelines, context):
+    pipeline = pipelines(corrupt_expert=5)
+    process, client = start_daemon(pipeline, context)
+    client.send(wire.LeaseRequest(1, 0, 5, stream=True))
+    started = client.receive()
+    assert isinstance(started, wire.LoadStarted), started
+    failed = client.receive()
+    assert isinstance(failed, wire.LeaseFailed), failed
+    assert "checksum" in failed.error
+    # The slot left that generation, so a worker's partial result from it is discarded.
+    assert pipeline.pool.table.generation(started.slot) != started.generation
+    assert stop_daemon(process, client) == 0
+
+
 def test_miss_then_hit_bit_identical(pipelines, context):
     pipeline = pipelines()
     process, client = start_daemon(pipeline, context)

@@ -287,3 +287,43 @@ def test_matvec_rejects_wrong_size():
 def test_set_num_threads_rejects_zero():
     with pytest.raises(ValueError, match="thread count 0 is out of range"):
         kernels.set_num_threads(0)
+
+
+# --- computing while the region arrives ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", quant.DTYPES)
+@pytest.mark.parametrize("d_model, d_ff", [(64, 128), (256, 2880)])
+def test_swiglu_progress_same_bits_as_swiglu(dtype, d_model, d_ff):
+    layout, region, reference = expert(d_model, d_ff, dtype)
+    x = tokens(3, d_model, seed=5)
+    full = kernels.swiglu(region, layout, x)
+    rng = np.random.default_rng(6)
+    # Bytes that have not arrived yet are 0xFF: a q4_0/q8_0 scale of NaN and a NaN f32
+    # weight, so computing on them would show in the result.
+    arriving = np.full(layout.region_bytes, 0xFF, np.uint8)
+    progress = kernels.SwigluProgress(layout, x)
+    assert progress.advance(arriving, 0) == 0
+    ready_bytes = 0
+    steps = 0
+    while not progress.done:
+        ready_bytes = min(layout.region_bytes, ready_bytes + int(rng.integers(1, layout.region_bytes // 6)))
+        arriving[:ready_bytes] = region[:ready_bytes]
+        progress.advance(arriving, ready_bytes)
+        steps += 1
+    assert steps > 3
+    assert bits(progress.result()) == bits(full)
+    assert relative_error(progress.result(), reference_swiglu(reference, x)) < MAX_RELATIVE_ERROR
+
+
+def test_swiglu_progress_one_token_and_incomplete():
+    layout, region, _ = expert(64, 128, "q4_0")
+    x = tokens(1, 64, seed=7)[0]
+    progress = kernels.SwigluProgress(layout, x)
+    progress.advance(region, layout.up.offset)
+    assert not progress.done
+    with pytest.raises(RuntimeError, match="not complete"):
+        progress.result()
+    progress.advance(region, layout.region_bytes)
+    assert progress.result().shape == (64,)
+    assert bits(progress.result()) == bits(kernels.swiglu(region, layout, x))

@@ -79,6 +79,8 @@ def test_stream_matches_reference_and_cleans_up(small_store, trace, tmp_path):
     assert summary["lookups"] == routed
     assert summary["hits"] + summary["misses"] == summary["lookups"]
     assert summary["misses"] > 0
+    # Workers compute during the read by default; each miss a worker waited on counts.
+    assert 0 < summary["computed_during_read"] <= summary["misses"]
     assert summary["tokens"] == N_TOKENS
     assert summary["io_path"].startswith("io_uring")
     for name in names:
@@ -91,6 +93,7 @@ def test_output_independent_of_cache_and_policy(small_store, trace, tmp_path):
         ["--slots", "8", "--eviction", "lru", "--predictor", "none"],
         ["--slots", "256", "--eviction", "layer", "--predictor", "transition"],
         ["--slots", "24", "--eviction", "layer", "--predictor", "frequency", "--workers", "1"],
+        ["--slots", "8", "--eviction", "lru", "--predictor", "none", "--compute-after-read"],
     ]
     outputs = [_run(small_store, tmp_path, trace, args)[0] for args in runs]
     for other in outputs[1:]:

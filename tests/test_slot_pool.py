@@ -49,6 +49,7 @@ def test_table_layout_offsets():
         "lease_count": 24,
         "pinned": 28,
         "last_use": 32,
+        "ready_bytes": 40,
         "worker_leases": 64,
     }
     assert slot_pool.table_bytes(3) == 64 + 3 * 128
@@ -262,3 +263,23 @@ def test_unlink_removes_names():
     assert not os.path.exists(f"/dev/shm{data_name}")
     assert not os.path.exists(f"/dev/shm{table_name}")
     assert slot_pool.unlink_segment(data_name) is False
+
+
+def test_ready_bytes_only_grows_during_a_load(pool):
+    table = pool.table
+    generation = table.begin_load(1, 7)
+    assert table.ready_bytes(1) == 0
+    table.set_ready_bytes(1, 4096)
+    table.set_ready_bytes(1, 8192)
+    with pytest.raises(SlotStateError, match="back from 8192 to 4096"):
+        table.set_ready_bytes(1, 4096)
+    assert table.ready_bytes(1) == 8192
+    table.finish_load(1)
+    with pytest.raises(SlotStateError, match="not LOADING"):
+        table.set_ready_bytes(1, 16384)
+    # A reload starts from zero under a new generation; a failed load leaves zero.
+    assert table.begin_load(1, 9) == generation + 1
+    assert table.ready_bytes(1) == 0
+    table.set_ready_bytes(1, 4096)
+    table.fail_load(1)
+    assert table.ready_bytes(1) == 0

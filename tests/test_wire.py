@@ -10,7 +10,9 @@ from mer_pipeline import wire
 def test_round_trip_every_type():
     messages = [
         wire.LeaseRequest(1, 2, 3),
+        wire.LeaseRequest(2, 2, 3, stream=True),
         wire.LeaseGranted(1, 3, 4, 5, True, 17),
+        wire.LoadStarted(2, 3, 4, 6),
         wire.TokenRequest(9, 0, b"\x00" * 8, [0, 1], [[1, 2], [3, 4]], [[0.5, 0.5], [0.25, 0.75]]),
         wire.StatsReply(1, "io", {"hits": 3, "nested": {"a": 1}}, {"io_device": "abc"}),
         wire.ControlRequest(4, "restart", "worker:0"),
@@ -26,19 +28,19 @@ def test_rejects_unknown_type():
 
 
 def test_rejects_missing_and_extra_fields():
-    frame = msgpack.packb(["lease", {"request_id": 1, "worker": 2}])
+    frame = msgpack.packb(["lease", {"request_id": 1, "worker": 2, "stream": False}])
     with pytest.raises(wire.WireError, match="missing fields \\['expert'\\]"):
         wire.decode(frame)
-    frame = msgpack.packb(["lease", {"request_id": 1, "worker": 2, "expert": 3, "evil": 1}])
+    frame = msgpack.packb(["lease", {"request_id": 1, "worker": 2, "expert": 3, "stream": False, "evil": 1}])
     with pytest.raises(wire.WireError, match="unknown fields \\['evil'\\]"):
         wire.decode(frame)
 
 
 def test_rejects_wrong_field_types():
-    frame = msgpack.packb(["lease", {"request_id": "1", "worker": 2, "expert": 3}])
+    frame = msgpack.packb(["lease", {"request_id": "1", "worker": 2, "expert": 3, "stream": False}])
     with pytest.raises(wire.WireError, match="LeaseRequest.request_id: expected int"):
         wire.decode(frame)
-    frame = msgpack.packb(["lease", {"request_id": True, "worker": 2, "expert": 3}])
+    frame = msgpack.packb(["lease", {"request_id": True, "worker": 2, "expert": 3, "stream": False}])
     with pytest.raises(wire.WireError, match="expected int, got bool"):
         wire.decode(frame)
     frame = msgpack.packb(["token", {"request_id": 1, "token": 0, "hidden": b"", "layers": [0], "experts": [[1, "x"]], "probs": [[1.0]]}])

@@ -1,9 +1,15 @@
 """A compute worker: takes expert tasks from the compute daemon, leases the expert's slot
 from the I/O daemon, runs the SwiGLU kernel on the slot, releases the lease, replies.
 
-A worker reads slot data only between LeaseGranted and its Release, so the I/O daemon
+A worker trusts slot data only between LeaseGranted and its Release, so the I/O daemon
 never overwrites a slot under it. The kernel runs single-threaded: each worker is
 pinned to its own CPU set.
+
+Computing during the read (workers.compute_during_read): on a miss the I/O daemon
+replies LoadStarted first, and the worker runs the kernel on the slot's bytes below
+ready_bytes while the rest arrives (kernels.SwigluProgress). The partial result is kept
+only if the LeaseGranted that follows has the same slot and generation, because then
+the bytes were this read's. Otherwise the worker computes again on the leased slot.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from mer_pipeline.runtime import (
     pin_cpus,
     setup_logging,
 )
-from mer_pipeline.slot_pool import SlotPool
+from mer_pipeline.slot_pool import EMPTY, READY, SlotPool
 from mer_pipeline.store import open_store
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 500
+# How long a worker computing during a read waits for more bytes once the kernel has
+# caught up with the read. A reply from the I/O daemon ends the wait at once.
+READ_PROGRESS_POLL_MS = 1
 STATS_INTERVAL_S = 1.0
 
 
@@ -63,12 +72,19 @@ class Worker:
         self.io.connect(info.endpoint(IO_SOCKET))
         self.histograms = StageHistograms()
         self.spans = SpanRecorder(f"worker:{index}")
-        self.counters = {"tasks": 0, "task_errors": 0, "hits": 0, "misses": 0, "lease_wait_us": 0, "compute_us": 0, "lease_retries": 0}
+        self.counters = {
+            "tasks": 0, "task_errors": 0, "hits": 0, "misses": 0, "lease_wait_us": 0, "compute_us": 0, "lease_retries": 0,
+            # Misses computed during the read, and those whose partial result was discarded.
+            "computed_during_read": 0, "during_read_discarded": 0,
+        }
         self.next_request_id = 1
         self.running = True
 
-    def lease(self, expert: int) -> wire.LeaseGranted:
+    def lease(self, expert: int, on_load_started=None) -> wire.LeaseGranted:
         """Return a lease on the slot holding `expert`, waiting for a read if needed.
+
+        With `on_load_started`, the request sets `stream`, and the callback runs with the
+        LoadStarted reply while the read is in flight.
 
         A request unanswered for runtime.lease_retry_s is sent again, because the I/O
         daemon may have restarted and lost it. The worker holds no lease while it
@@ -78,7 +94,8 @@ class Worker:
         """
         runtime_config = self.info.config.runtime
         deadline = time.monotonic() + runtime_config.request_timeout_s
-        request_id = self._send_lease_request(expert, reclaim_first=False)
+        stream = on_load_started is not None
+        request_id = self._send_lease_request(expert, reclaim_first=False, stream=stream)
         retry_at = time.monotonic() + runtime_config.lease_retry_s
         while time.monotonic() < deadline:
             if not self.io.poll(POLL_INTERVAL_MS):
@@ -87,13 +104,18 @@ class Worker:
                 if time.monotonic() >= retry_at:
                     self.counters["lease_retries"] += 1
                     log.warning("lease request unanswered, retrying worker=%d expert=%d request_id=%d", self.index, expert, request_id)
-                    request_id = self._send_lease_request(expert, reclaim_first=True)
+                    request_id = self._send_lease_request(expert, reclaim_first=True, stream=stream)
                     retry_at = time.monotonic() + runtime_config.lease_retry_s
                 continue
             try:
-                reply = wire.decode(self.io.recv(), (wire.LeaseGranted, wire.LeaseFailed))
+                reply = wire.decode(self.io.recv(), (wire.LeaseGranted, wire.LeaseFailed, wire.LoadStarted))
             except wire.WireError as exc:
                 log.warning("rejected message from the io daemon error=%s", exc)
+                continue
+            if isinstance(reply, wire.LoadStarted):
+                if reply.request_id == request_id and on_load_started is not None:
+                    on_load_started(reply)
+                    retry_at = time.monotonic() + runtime_config.lease_retry_s
                 continue
             if reply.request_id != request_id:
                 if isinstance(reply, wire.LeaseGranted):
@@ -107,37 +129,101 @@ class Worker:
             f"to provide expert {expert}; check the io daemon's log or raise runtime.request_timeout_s"
         )
 
-    def _send_lease_request(self, expert: int, reclaim_first: bool) -> int:
+    def _send_lease_request(self, expert: int, reclaim_first: bool, stream: bool) -> int:
         request_id = self.next_request_id
         self.next_request_id += 1
         if reclaim_first:
             self.io.send(wire.ReclaimLeases(self.index).encode())
-        self.io.send(wire.LeaseRequest(request_id, self.index, expert).encode())
+        self.io.send(wire.LeaseRequest(request_id, self.index, expert, stream).encode())
         return request_id
+
+    def compute_during_read(self, started: wire.LoadStarted, progress) -> float:
+        """Advance `progress` on the slot's bytes as they arrive; return the kernel seconds.
+
+        It returns when the kernel is done or a reply from the I/O daemon is waiting. It
+        also returns when the slot changed generation or became EMPTY (the read failed),
+        or when no byte arrived for runtime.lease_retry_s (the daemon may be gone).
+        """
+        table = self.pool.table
+        slot, generation = started.slot, started.generation
+        stall_limit_s = self.info.config.runtime.lease_retry_s
+        payload_bytes = self.layout.payload_bytes
+        kernel_s = 0.0
+        last_progress_s = time.monotonic()
+        view = self.pool.slot_view(slot)
+        try:
+            while not progress.done:
+                state = table.state(slot)
+                if table.generation(slot) != generation or state == EMPTY:
+                    return kernel_s
+                ready_bytes = payload_bytes if state == READY else table.ready_bytes(slot)
+                began_s = time.perf_counter()
+                if progress.advance(view, ready_bytes):
+                    kernel_s += time.perf_counter() - began_s
+                    last_progress_s = time.monotonic()
+                    continue
+                if self.io.poll(READ_PROGRESS_POLL_MS) or time.monotonic() - last_progress_s > stall_limit_s:
+                    return kernel_s
+        finally:
+            view.release()
+        return kernel_s
 
     def run_task(self, task: wire.Task) -> wire.Message:
         start_ns = time.monotonic_ns()
         start = time.perf_counter()
         try:
-            grant = self.lease(task.expert)
+            x = wire.bytes_to_array(task.x, task.rows, self.layout.d_model, "task.x")
+        except wire.WireError as exc:
+            self.counters["task_errors"] += 1
+            return wire.TaskFailed(task.task_id, self.index, str(exc))
+        during_read = {"started": None, "progress": None, "kernel_s": 0.0, "start_ns": 0, "end_ns": 0}
+
+        def on_load_started(started: wire.LoadStarted) -> None:
+            during_read["started"] = started
+            during_read["start_ns"] = time.monotonic_ns()
+            if during_read["progress"] is None:
+                during_read["progress"] = self.kernels.SwigluProgress(self.layout, x)
+            during_read["kernel_s"] += self.compute_during_read(started, during_read["progress"])
+            during_read["end_ns"] = time.monotonic_ns()
+
+        stream = self.info.config.workers.compute_during_read
+        try:
+            grant = self.lease(task.expert, on_load_started if stream else None)
         except LeaseError as exc:
             self.counters["task_errors"] += 1
             log.error("lease failed task=%d expert=%d error=%s", task.task_id, task.expert, exc)
             return wire.TaskFailed(task.task_id, self.index, str(exc))
         leased = time.perf_counter()
         leased_ns = time.monotonic_ns()
+        started, progress = during_read["started"], during_read["progress"]
         try:
-            x = wire.bytes_to_array(task.x, task.rows, self.layout.d_model, "task.x")
-            y = self.kernels.swiglu(self.pool.slot_view(grant.slot), self.layout, x)
+            view = self.pool.slot_view(grant.slot)
+            try:
+                if started is not None and (started.slot, started.generation) == (grant.slot, grant.generation):
+                    progress.advance(view, self.layout.payload_bytes)
+                    y = progress.result()
+                    self.counters["computed_during_read"] += 1
+                else:
+                    if started is not None:
+                        self.counters["during_read_discarded"] += 1
+                    y = self.kernels.swiglu(view, self.layout, x)
+            finally:
+                view.release()
         finally:
             self.io.send(wire.Release(self.index, grant.slot, grant.generation).encode())
         done = time.perf_counter()
         self.spans.record(
             "lease_wait", start_ns, leased_ns, task=task.task_id, expert=task.expert, request_id=grant.request_id, hit=grant.hit
         )
+        if started is not None:
+            self.spans.record(
+                "kernel_during_read", during_read["start_ns"], during_read["end_ns"], task=task.task_id, expert=task.expert
+            )
         self.spans.record("kernel", leased_ns, time.monotonic_ns(), task=task.task_id, expert=task.expert, rows=task.rows)
-        lease_wait_us = int((leased - start) * 1e6)
-        compute_us = int((done - leased) * 1e6)
+        # Kernel time during the read counts as compute, not as waiting for the lease.
+        kernel_during_read_s = during_read["kernel_s"]
+        lease_wait_us = int((leased - start - kernel_during_read_s) * 1e6)
+        compute_us = int((done - leased + kernel_during_read_s) * 1e6)
         self.histograms.record_us("lease_wait", lease_wait_us)
         self.histograms.record_us("compute_expert", compute_us)
         self.counters["tasks"] += 1
