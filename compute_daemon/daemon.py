@@ -176,7 +176,8 @@ class ComputeDaemon:
         try:
             self.clients.send_multipart([client, message.encode()])
         except zmq.ZMQError as exc:
-            log.warning("client gone, reply dropped error=%s", exc)
+            # A client that stopped waiting (a stats request that timed out) has closed its socket.
+            log.warning("reply dropped, the requesting client is gone type=%s error=%s", message.TYPE, exc)
 
     def start_token(self, client: bytes, request: wire.TokenRequest) -> None:
         job = Job(client, request, time.perf_counter())

@@ -10,6 +10,7 @@ decode does, and collects the final h of every token.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,19 @@ def compute_pid(info: PipelineInfo) -> int | None:
     return daemon_pids(info).get("compute")
 
 
+def pipeline_gone(info: PipelineInfo) -> str | None:
+    """Return why the pipeline `info` describes has stopped, or None while its launcher runs."""
+    try:
+        os.kill(info.launcher_pid, 0)
+    except ProcessLookupError:
+        return f"its launcher (pid {info.launcher_pid}) has exited"
+    except PermissionError:
+        pass
+    if not (Path(info.socket_dir) / PIPELINE_FILE).exists():
+        return f"{Path(info.socket_dir) / PIPELINE_FILE} was removed"
+    return None
+
+
 def resumable_request(info: PipelineInfo, client: DaemonClient, request: wire.Message, timeout_s: float) -> wire.Message:
     """Send a request to the compute daemon and return its reply, sending it again if the
     compute daemon restarts or reports a retryable failure meanwhile.
@@ -161,6 +175,12 @@ def resumable_request(info: PipelineInfo, client: DaemonClient, request: wire.Me
         try:
             reply = client.receive(RESUME_CHECK_S, "runtime.request_timeout_s")
         except TimeoutError:
+            gone = pipeline_gone(info)
+            if gone is not None:
+                raise StreamError(
+                    f"request {request.request_id} failed: the pipeline stopped ({gone}); "
+                    "start it again with mer-launch"
+                ) from None
             pid = compute_pid(info)
             if pid is not None and pid != serving_pid:
                 serving_pid = pid
