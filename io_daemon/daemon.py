@@ -503,6 +503,12 @@ class IoDaemon:
         slot = load.slot
         self.histograms.record_us("io_queue", (read.submitted_ns - read.queued_ns) / 1000)
         self.histograms.record_us("io_device", (read.completed_ns - read.submitted_ns) / 1000)
+        error = read.error
+        verify_started_ns = time.monotonic_ns()
+        if error is not None:
+            self.counters["read_errors"] += 1
+        else:
+            error = self._verify(expert, load)
         self.spans.record(
             "read",
             read.queued_ns,
@@ -512,13 +518,10 @@ class IoDaemon:
             bytes=read.length,
             hint_ns=load.hint_ns,
             demands=[[waiter.worker, waiter.request_id] for waiter in load.waiters],
-            error=read.error or "",
+            # Checksum time after the last byte arrived: the part not hashed during the read.
+            verify_tail_us=(time.monotonic_ns() - verify_started_ns) // 1000,
+            error=error or "",
         )
-        error = read.error
-        if error is not None:
-            self.counters["read_errors"] += 1
-        else:
-            error = self._verify(expert, load)
         if error is not None:
             self.table.fail_load(slot)
             del self.slot_of[expert]
