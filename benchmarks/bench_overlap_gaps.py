@@ -10,6 +10,8 @@ prints:
     idle gaps        time with no read in flight: count, median and largest
     post-grant       median kernel time left after the lease is granted (on a miss the
                      rest of the kernel ran during the read)
+    verify tail      median and p90 checksum time after a read's last byte (the part of
+                     the region not hashed while it arrived)
 
     .venv/bin/python benchmarks/bench_overlap_gaps.py --store DIR [--tokens 8]
 """
@@ -71,8 +73,9 @@ def measure(store_path: Path, tmp: Path, slots: int, tokens: int) -> dict:
 
     token_spans = [s for s in spans["compute"]["spans"] if s[0] == "token" and s[2] >= since_ns]
     start_ns, end_ns = min(s[1] for s in token_spans), max(s[2] for s in token_spans)
-    reads = [(s[1], s[2]) for s in spans["io"]["spans"] if s[0] == "read" and s[2] >= start_ns and s[1] <= end_ns]
-    busy_ns, gaps_ns = busy_and_gaps(reads, start_ns, end_ns)
+    read_spans = [s for s in spans["io"]["spans"] if s[0] == "read" and s[2] >= start_ns and s[1] <= end_ns]
+    busy_ns, gaps_ns = busy_and_gaps([(s[1], s[2]) for s in read_spans], start_ns, end_ns)
+    verify_tail_ms = sorted(s[3].get("verify_tail_us", 0) / 1000 for s in read_spans)
 
     post_grant_ms = [
         (s[2] - s[1]) / 1e6
@@ -89,6 +92,8 @@ def measure(store_path: Path, tmp: Path, slots: int, tokens: int) -> dict:
         "gap_max_ms": max(gaps_ns) / 1e6 if gaps_ns else 0.0,
         "gaps_total_s": sum(gaps_ns) / 1e9,
         "post_grant_kernel_p50_ms": statistics.median(post_grant_ms),
+        "verify_tail_p50_ms": statistics.median(verify_tail_ms) if verify_tail_ms else 0.0,
+        "verify_tail_p90_ms": verify_tail_ms[int(0.9 * (len(verify_tail_ms) - 1))] if verify_tail_ms else 0.0,
     }
 
 
@@ -105,7 +110,8 @@ def main() -> None:
                 f"share={share} {CONFIG} tok/s={result['tokens_per_s']:.2f} hit={result['hit_rate']:.2f} "
                 f"window={result['window_s']:.2f}s device_busy={result['device_busy']:.2f} "
                 f"gaps={result['gaps']} gap_p50={result['gap_p50_ms']:.1f}ms gap_max={result['gap_max_ms']:.0f}ms "
-                f"gaps_total={result['gaps_total_s']:.2f}s post_grant_kernel_p50={result['post_grant_kernel_p50_ms']:.1f}ms",
+                f"gaps_total={result['gaps_total_s']:.2f}s post_grant_kernel_p50={result['post_grant_kernel_p50_ms']:.1f}ms "
+                f"verify_tail_p50={result['verify_tail_p50_ms']:.1f}ms verify_tail_p90={result['verify_tail_p90_ms']:.1f}ms",
                 flush=True,
             )
 
