@@ -81,8 +81,8 @@ class WindowOracle(LayerPolicy):
 
     The window runs from the access being served to the same layer `window_tokens` tokens
     later, so it contains `window_tokens` visits of every layer, and also the rest of the
-    current layer's top-k, which the router picks at once. Beyond the window the policy
-    sees nothing. It assumes, as `simulate` does, that `choose_victim` serves the access
+    current layer's top-k, which the router picks at once. The policy has no information
+    beyond the window. It assumes, as `simulate` does, that `choose_victim` serves the access
     after the last recorded one.
     """
 

@@ -8,8 +8,8 @@ prints:
 
     device busy      share of the time with at least one expert read in flight
     idle gaps        time with no read in flight: count, median and largest
-    post-grant       median kernel time left after the lease is granted (on a miss the
-                     rest of the kernel ran during the read)
+    post-grant       median kernel time left after the lease is granted. On a miss, the
+                     rest of the kernel ran during the read.
     verify tail      median and p90 checksum time after a read's last byte (the part of
                      the region not hashed while it arrived)
 

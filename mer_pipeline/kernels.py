@@ -487,11 +487,22 @@ class SwigluProgress:
         self._up = np.empty((n_tokens, layout.d_ff), np.float32)
         self._hsum: np.ndarray | None = None
         self._out = np.empty((n_tokens, layout.d_model), np.float32)
-        # (section, its rows as the kernel counts them, output array) in read order.
-        self._stages = (
-            (layout.gate, layout.d_ff, self._gate),
-            (layout.up, layout.d_ff, self._up),
-            (layout.down, layout.d_model, self._out),
+        rows_per_item = _GROUPS_PER_ITEM * LANES
+        # Per section in read order: (section, rows as the kernel counts them, work items,
+        # bytes per work item, output array).
+        self._stages = tuple(
+            (
+                section,
+                rows,
+                -(-rows // rows_per_item),
+                rows_per_item * section.nbytes // quant.padded_rows(section.rows, layout.dtype),
+                out,
+            )
+            for section, rows, out in (
+                (layout.gate, layout.d_ff, self._gate),
+                (layout.up, layout.d_ff, self._up),
+                (layout.down, layout.d_model, self._out),
+            )
         )
         self._stage = 0
         self._next_item = 0
@@ -500,28 +511,24 @@ class SwigluProgress:
     def done(self) -> bool:
         return self._stage == len(self._stages)
 
-    def _items_ready(self, section: quant.Section, rows: int, ready_bytes: int) -> int:
-        """Return how many work items of `section` lie wholly below `ready_bytes`."""
-        n_items = -(-rows // (_GROUPS_PER_ITEM * LANES))
-        if ready_bytes >= section.offset + section.nbytes:
-            return n_items
-        row_bytes = section.nbytes // quant.padded_rows(section.rows, self.layout.dtype)
-        return max(0, (ready_bytes - section.offset) // (_GROUPS_PER_ITEM * LANES * row_bytes))
-
     def advance(self, region, ready_bytes: int) -> int:
         """Compute every work item now readable; return how many were computed."""
         weights = _as_bytes(region)
         ready_bytes = min(ready_bytes, weights.size)
         computed = 0
         while not self.done:
-            section, rows, out = self._stages[self._stage]
-            end_item = self._items_ready(section, rows, ready_bytes)
+            section, rows, n_items, item_bytes, out = self._stages[self._stage]
+            # Work items that lie wholly below ready_bytes (the last one may be shorter).
+            if ready_bytes >= section.offset + section.nbytes:
+                end_item = n_items
+            else:
+                end_item = max(0, (ready_bytes - section.offset) // item_bytes)
             if end_item > self._next_item:
                 x, xsum = (self._tokens, self._xsum) if self._stage < 2 else (self._gate, self._hsum)
                 _rows_span(self._code, weights, section.offset, rows, section.cols, self._next_item, end_item, x, xsum, out)
                 computed += end_item - self._next_item
                 self._next_item = end_item
-            if self._next_item < -(-rows // (_GROUPS_PER_ITEM * LANES)):
+            if self._next_item < n_items:
                 break
             self._stage += 1
             self._next_item = 0

@@ -147,7 +147,7 @@ def compute_pid(info: PipelineInfo) -> int | None:
     return daemon_pids(info).get("compute")
 
 
-def pipeline_gone(info: PipelineInfo) -> str | None:
+def pipeline_stop_reason(info: PipelineInfo) -> str | None:
     """Return why the pipeline `info` describes has stopped, or None while its launcher runs."""
     try:
         os.kill(info.launcher_pid, 0)
@@ -175,10 +175,10 @@ def resumable_request(info: PipelineInfo, client: DaemonClient, request: wire.Me
         try:
             reply = client.receive(RESUME_CHECK_S, "runtime.request_timeout_s")
         except TimeoutError:
-            gone = pipeline_gone(info)
-            if gone is not None:
+            stop_reason = pipeline_stop_reason(info)
+            if stop_reason is not None:
                 raise StreamError(
-                    f"request {request.request_id} failed: the pipeline stopped ({gone}); "
+                    f"request {request.request_id} failed: the pipeline stopped ({stop_reason}); "
                     "start it again with mer-launch"
                 ) from None
             pid = compute_pid(info)

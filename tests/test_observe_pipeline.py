@@ -167,7 +167,8 @@ def test_trace_file_tracks_spans_and_flows(run):
     # A worker's spans follow one another, except the kernel run during a read, which
     # overlaps its lease wait and so takes a second lane.
     worker_lanes = {tid for pid, tid in tracks if pid in worker_pids}
-    assert 0 in worker_lanes and worker_lanes <= {0, 1}
+    assert 0 in worker_lanes
+    assert worker_lanes <= {0, 1}
     assert {e["name"] for (pid, tid), placed in tracks.items() if pid in worker_pids and tid == 1 for e in placed} <= {
         "kernel_during_read"
     }

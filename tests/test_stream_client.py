@@ -11,7 +11,7 @@ from mer_pipeline import wire
 from mer_pipeline.client import DaemonClient
 from mer_pipeline.config import PipelineConfig
 from mer_pipeline.runtime import COMPUTE_SOCKET, PIPELINE_FILE, PipelineInfo
-from mer_pipeline.stream import StreamError, pipeline_gone, resumable_request
+from mer_pipeline.stream import StreamError, pipeline_stop_reason, resumable_request
 
 
 def exited_pid() -> int:
@@ -35,13 +35,13 @@ def pipeline_info(socket_dir, launcher_pid: int) -> PipelineInfo:
     )
 
 
-def test_pipeline_gone_reasons(tmp_path):
+def test_pipeline_stop_reasons(tmp_path):
     (tmp_path / PIPELINE_FILE).write_text("{}")
-    assert pipeline_gone(pipeline_info(tmp_path, os.getpid())) is None
+    assert pipeline_stop_reason(pipeline_info(tmp_path, os.getpid())) is None
     dead = exited_pid()
-    assert pipeline_gone(pipeline_info(tmp_path, dead)) == f"its launcher (pid {dead}) has exited"
+    assert pipeline_stop_reason(pipeline_info(tmp_path, dead)) == f"its launcher (pid {dead}) has exited"
     (tmp_path / PIPELINE_FILE).unlink()
-    assert "was removed" in pipeline_gone(pipeline_info(tmp_path, os.getpid()))
+    assert "was removed" in pipeline_stop_reason(pipeline_info(tmp_path, os.getpid()))
 
 
 def test_request_to_stopped_pipeline_fails_fast(tmp_path):

@@ -15,10 +15,12 @@ the bytes were this read's. Otherwise the worker computes again on the leased sl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import time
+from typing import Any
 
 import numpy as np
 import zmq
@@ -45,6 +47,18 @@ POLL_INTERVAL_MS = 500
 # caught up with the read. A reply from the I/O daemon ends the wait at once.
 READ_PROGRESS_POLL_MS = 1
 STATS_INTERVAL_S = 1.0
+
+
+@dataclasses.dataclass
+class ReadCompute:
+    """Kernel work a task did while its expert was being read."""
+
+    started: wire.LoadStarted | None = None
+    # kernels.SwigluProgress, made when the read starts (kernels is imported late).
+    progress: Any = None
+    kernel_s: float = 0.0
+    start_ns: int = 0
+    end_ns: int = 0
 
 
 class LeaseError(RuntimeError):
@@ -176,15 +190,15 @@ class Worker:
         except wire.WireError as exc:
             self.counters["task_errors"] += 1
             return wire.TaskFailed(task.task_id, self.index, str(exc))
-        during_read = {"started": None, "progress": None, "kernel_s": 0.0, "start_ns": 0, "end_ns": 0}
+        during_read = ReadCompute()
 
         def on_load_started(started: wire.LoadStarted) -> None:
-            during_read["started"] = started
-            during_read["start_ns"] = time.monotonic_ns()
-            if during_read["progress"] is None:
-                during_read["progress"] = self.kernels.SwigluProgress(self.layout, x)
-            during_read["kernel_s"] += self.compute_during_read(started, during_read["progress"])
-            during_read["end_ns"] = time.monotonic_ns()
+            during_read.started = started
+            during_read.start_ns = time.monotonic_ns()
+            if during_read.progress is None:
+                during_read.progress = self.kernels.SwigluProgress(self.layout, x)
+            during_read.kernel_s += self.compute_during_read(started, during_read.progress)
+            during_read.end_ns = time.monotonic_ns()
 
         stream = self.info.config.workers.compute_during_read
         try:
@@ -195,7 +209,7 @@ class Worker:
             return wire.TaskFailed(task.task_id, self.index, str(exc))
         leased = time.perf_counter()
         leased_ns = time.monotonic_ns()
-        started, progress = during_read["started"], during_read["progress"]
+        started, progress = during_read.started, during_read.progress
         try:
             view = self.pool.slot_view(grant.slot)
             try:
@@ -217,11 +231,11 @@ class Worker:
         )
         if started is not None:
             self.spans.record(
-                "kernel_during_read", during_read["start_ns"], during_read["end_ns"], task=task.task_id, expert=task.expert
+                "kernel_during_read", during_read.start_ns, during_read.end_ns, task=task.task_id, expert=task.expert
             )
         self.spans.record("kernel", leased_ns, time.monotonic_ns(), task=task.task_id, expert=task.expert, rows=task.rows)
         # Kernel time during the read counts as compute, not as waiting for the lease.
-        kernel_during_read_s = during_read["kernel_s"]
+        kernel_during_read_s = during_read.kernel_s
         lease_wait_us = int((leased - start - kernel_during_read_s) * 1e6)
         compute_us = int((done - leased + kernel_during_read_s) * 1e6)
         self.histograms.record_us("lease_wait", lease_wait_us)
