@@ -1,4 +1,4 @@
-"""Where the time of an overlap run goes: how long the device reads, and the gaps between reads.
+"""The time of an overlap run: how long the device reads, and the gaps between reads.
 
 It runs the default configuration (`layer/none`, workers computing during the read) on
 the store of bench_overlap.py, with the pool at each cache share. It streams 3 warm-up
